@@ -1,0 +1,300 @@
+"""Typed, frozen configuration from one TOML file, with environment overrides.
+
+Every key has its default here and nowhere else. A bad file is reported whole:
+each error with the file and its dotted key, unknown keys with a did-you-mean.
+Any key can be overridden as ``EDGEAGENT__SECTION__KEY=value`` (the value is read
+as a TOML value when it parses as one, else as a string), for systemd drop-ins
+and benches.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+ENV_PREFIX = "EDGEAGENT__"
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h; the unit's RestartPreventExitStatus
+
+DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceConfig(_Section):
+    id: DeviceId
+    """This device's id; also the MQTT client id and the topic root's last part."""
+    model: str | None = None
+    """Board model override; by default read from the device tree."""
+
+
+class TlsConfig(_Section):
+    enabled: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    """Client certificate for mutual TLS (with key_file)."""
+    key_file: Path | None = None
+    insecure_skip_verify: bool = False
+
+
+class MqttConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    prefix: str = "edge/v1"
+    protocol: Literal["5", "3.1.1"] = "5"
+    username: str | None = None
+    password: SecretStr | None = None
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(60.0, gt=0)
+    max_inflight: int = Field(32, ge=1, le=1000)
+    """QoS 1 messages in flight at once while draining the spool."""
+    tls: TlsConfig = TlsConfig()
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_shape(cls, v: str) -> str:
+        if not v or v.startswith("/") or v.endswith("/") or any(c in v for c in "+#"):
+            raise ValueError("must be non-empty, without leading/trailing '/' or wildcards")
+        return v
+
+
+class StorageConfig(_Section):
+    state_dir: Path = Path("/var/lib/edgeagent")
+    spool_max_messages: int = Field(100_000, ge=10)
+    spool_max_mib: float = Field(64.0, gt=0)
+    spool_max_age_h: float = Field(168.0, gt=0)
+    spool_min_free_mb: float = Field(64.0, ge=0)
+    durability: Literal["normal", "full"] = "normal"
+    """normal survives a process kill; full also survives power loss (fsync per message)."""
+
+
+class TelemetryConfig(_Section):
+    heartbeat_s: float = Field(30.0, ge=1)
+    breadcrumbs: int = Field(100, ge=10, le=10_000)
+    events_rate_per_s: float = Field(20.0, gt=0)
+    """Sustained rate of `events` messages; bursts above it are summarised, not lost silently."""
+    events_burst: int = Field(100, ge=1)
+    log_lines: int = Field(100, ge=10, le=10_000)
+    """Log lines kept in memory for crash reports, snapshots and the logs command."""
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    journald: Literal["auto", "on", "off"] = "auto"
+
+
+class HealthConfig(_Section):
+    sysfs_root: Path = Path("/")
+    """Root under which /sys and /proc are read (tests point it at a fixture tree)."""
+    vcgencmd: str | None = "vcgencmd"
+    watchdog_max_lag_s: float | None = None
+    """Skip the systemd watchdog ping when the loop lags more than this (default: the ping interval)."""
+
+
+class IceConfig(_Section):
+    stun_urls: list[str] = []
+    turn_urls: list[str] = []
+    turn_username: str | None = None
+    turn_password: SecretStr | None = None
+    relay_only: bool = False
+    host_addresses: list[str] = []
+    """Local addresses or interface names ICE may use; empty means every interface."""
+    gather_timeout_s: float = Field(2.0, gt=0)
+
+
+class AecConfig(_Section):
+    enabled: bool = True
+    stream_delay_ms: int = Field(40, ge=0, le=500)
+
+
+class AudioConfig(_Section):
+    capture_device: str = "default"
+    playback_device: str = "default"
+    paced: bool = False
+    """Pace unclocked PCMs (ALSA file devices on the bench) to real time."""
+    playout_target_ms: int = Field(60, ge=20, le=200)
+    playout_max_ms: int = Field(200, ge=40, le=1000)
+    reopen_min_s: float = Field(1.0, gt=0)
+    reopen_max_s: float = Field(30.0, gt=0)
+    aec: AecConfig = AecConfig()
+
+
+class CallConfig(_Section):
+    answer: Literal["auto", "ring", "reject"] = "ring"
+    ring_timeout_s: float = Field(30.0, gt=0)
+    allow: list[str] = ["*"]
+    """Endpoint ids allowed to call this device; "*" allows any."""
+    default_peer: str | None = None
+    connect_timeout_s: float = Field(15.0, gt=0)
+    answer_timeout_s: float = Field(30.0, gt=0)
+    """How long an outgoing offer waits for an answer."""
+    stats_interval_s: float = Field(5.0, ge=0.5)
+    media_stall_warn_s: float = Field(3.0, gt=0)
+    media_stall_hangup_s: float = Field(10.0, gt=0)
+    opus_bitrate_kbps: int = Field(32, ge=6, le=510)
+    max_duration_s: float = Field(3600.0, gt=0)
+
+
+class LedsConfig(_Section):
+    enabled: bool = True
+    layout: Literal["three", "rgb"] = "three"
+    pins: list[int] = [17, 27, 22]
+    """BCM pins: green, amber, red (three) or red, green, blue (rgb)."""
+    active_high: bool = True
+    mock: bool = False
+    """Drive gpiozero's MockFactory instead of real pins (bench)."""
+
+
+class ButtonConfig(_Section):
+    enabled: bool = False
+    pin: int = 23
+    long_press_s: float = Field(2.0, gt=0)
+    press_action: Literal["dial_or_hangup", "dial", "none"] = "dial_or_hangup"
+
+
+class SecurityConfig(_Section):
+    commands: Literal["signed", "open"] = "signed"
+    signaling: Literal["open", "signed"] = "open"
+    keys_file: Path | None = None
+    max_token_lifetime_s: int = Field(300, ge=10, le=86_400)
+    armed: list[str] = []
+    """Dangerous commands allowed on this device (memory, profile, crash, restart)."""
+    local_socket: Path | None = None
+
+
+class Config(_Section):
+    device: DeviceConfig
+    mqtt: MqttConfig = MqttConfig()
+    storage: StorageConfig = StorageConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    logging: LoggingConfig = LoggingConfig()
+    health: HealthConfig = HealthConfig()
+    ice: IceConfig = IceConfig()
+    audio: AudioConfig = AudioConfig()
+    call: CallConfig = CallConfig()
+    leds: LedsConfig = LedsConfig()
+    button: ButtonConfig = ButtonConfig()
+    security: SecurityConfig = SecurityConfig()
+
+    @property
+    def topic_root(self) -> str:
+        return f"{self.mqtt.prefix}/{self.device.id}"
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; `errors` lists every problem found."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = errors
+        super().__init__("\n".join(f"{source}: {e}" for e in errors))
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Nested dict from EDGEAGENT__SECTION__KEY variables (keys lower-cased)."""
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[path[-1]] = _parse_env_value(raw)
+    return tree
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]:
+    """The field names valid at `loc`'s parent, for did-you-mean."""
+    current: Any = model
+    for part in loc[:-1]:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        current = field.annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """One line per problem: dotted key, message, and a did-you-mean for typos."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(root)"
+        if err["type"] == "extra_forbidden":
+            guess = difflib.get_close_matches(str(loc[-1]), _known_keys(Config, loc), n=1)
+            hint = f"; did you mean '{guess[0]}'?" if guess else ""
+            lines.append(f"{key}: unknown key{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return lines
+
+
+def parse_config(
+    data: Mapping[str, Any], *, source: str = "<config>", environ: Mapping[str, str] | None = None
+) -> Config:
+    """Validate a decoded TOML document (plus environment overrides) into a Config."""
+    merged = _merge(dict(data), env_overrides(os.environ if environ is None else environ))
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(source, format_errors(exc)) from None
+
+
+def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, parse and validate the TOML file at `path`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+    return parse_config(data, source=str(path), environ=environ)
+
+
+def config_hash(cfg: Config) -> str:
+    """A short stable hash of the effective config; secrets are masked, never hashed in."""
+    import hashlib
+
+    blob = cfg.model_dump_json(exclude_none=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

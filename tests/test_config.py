@@ -1,0 +1,159 @@
+"""Config: typed defaults, every error at once, did-you-mean, env overrides, exit 78."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from edgeagent.cli import main
+from edgeagent.config import Config, ConfigError, env_overrides, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_documented_example_loads_and_lists_every_key() -> None:
+    cfg = load_config(ROOT / "config" / "edgeagent.toml", environ={})
+    assert cfg.device.id == "help-point-0001"
+    assert cfg.mqtt.prefix == "edge/v1"
+    # Every key of every section appears in the example, commented out or set.
+    text = (ROOT / "config" / "edgeagent.toml").read_text()
+
+    def walk(model: type[BaseModel], path: str) -> None:
+        for key, field in model.model_fields.items():
+            sub = field.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                assert f"[{path}{key}]" in text, f"[{path}{key}] undocumented"
+                walk(sub, f"{path}{key}.")
+            else:
+                assert f"\n{key} =" in text or f"# {key} =" in text, f"{path}{key} undocumented"
+
+    walk(Config, "")
+
+
+def test_example_defaults_match_code_defaults() -> None:
+    data = tomllib.loads((ROOT / "config" / "edgeagent.toml").read_text())
+    from_file = parse_config(data, environ={})
+    from_code = parse_config({"device": {"id": "help-point-0001"}}, environ={})
+    assert from_file == from_code
+
+
+def test_bench_config_loads() -> None:
+    cfg = load_config(ROOT / "config" / "bench.toml", environ={})
+    assert cfg.security.commands == "open"
+    assert cfg.leds.mock is True
+
+
+def test_every_error_reported_at_once_with_dotted_keys(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        """
+[device]
+id = "Bad_ID"
+[mqtt]
+port = 70000
+protcol = "5"
+[mqtt.tls]
+enabled = "maybe"
+[storage]
+durability = "sometimes"
+[nosuchsection]
+x = 1
+"""
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(bad, environ={})
+    errors = info.value.errors
+    joined = "\n".join(errors)
+    assert "device.id:" in joined
+    assert "mqtt.port:" in joined
+    assert "mqtt.protcol: unknown key; did you mean 'protocol'?" in joined
+    assert "mqtt.tls.enabled:" in joined
+    assert "storage.durability:" in joined
+    assert "nosuchsection: unknown key" in joined
+    assert len(errors) == 6
+    assert str(bad) in str(info.value)
+
+
+def test_missing_device_id_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({}, environ={})
+    assert info.value.errors == ["device: required key is missing"]
+
+
+def test_env_overrides_nested_and_typed() -> None:
+    env = {
+        "EDGEAGENT__MQTT__PORT": "2883",
+        "EDGEAGENT__MQTT__TLS__ENABLED": "true",
+        "EDGEAGENT__ICE__HOST_ADDRESSES": '["127.0.0.1"]',
+        "EDGEAGENT__DEVICE__ID": "dev-2",
+        "EDGEAGENT__MQTT__HOST": "broker.local",
+        "OTHER": "x",
+    }
+    assert env_overrides(env)["mqtt"]["tls"] == {"enabled": True}
+    cfg = parse_config({"device": {"id": "dev-1"}}, environ=env)
+    assert cfg.device.id == "dev-2"
+    assert cfg.mqtt.port == 2883
+    assert cfg.mqtt.host == "broker.local"
+    assert cfg.mqtt.tls.enabled is True
+    assert cfg.ice.host_addresses == ["127.0.0.1"]
+
+
+def test_env_override_errors_are_reported_like_file_errors() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"device": {"id": "d"}}, environ={"EDGEAGENT__MQTT__PORTT": "1"})
+    assert info.value.errors == ["mqtt.portt: unknown key; did you mean 'port'?"]
+
+
+def test_secrets_never_in_repr_or_dump() -> None:
+    cfg = parse_config(
+        {
+            "device": {"id": "d"},
+            "mqtt": {"password": "hunter2-secret"},
+            "ice": {"turn_password": "turn-secret"},
+        },
+        environ={},
+    )
+    for text in (repr(cfg), str(cfg), cfg.model_dump_json()):
+        assert "hunter2-secret" not in text
+        assert "turn-secret" not in text
+    assert cfg.mqtt.password is not None
+    assert cfg.mqtt.password.get_secret_value() == "hunter2-secret"
+
+
+def test_config_is_frozen() -> None:
+    cfg = parse_config({"device": {"id": "d"}}, environ={})
+    with pytest.raises(Exception, match="frozen"):
+        cfg.device.id = "x"  # type: ignore[misc]
+
+
+def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[device]\nid = "dev-1"\n')
+    assert main(["check-config", str(good)]) == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[device]\nid = "dev-1"\n[mqtt]\nport = "x"\nhots = "y"\n')
+    assert main(["check-config", str(bad)]) == 78
+    err = capsys.readouterr().err
+    assert "2 error(s)" in err
+    assert "mqtt.hots: unknown key; did you mean 'host'?" in err
+    assert main(["check-config", str(tmp_path / "missing.toml")]) == 78
+    (tmp_path / "broken.toml").write_text("[device\n")
+    assert main(["check-config", str(tmp_path / "broken.toml")]) == 78
+
+
+def test_run_exits_78_on_bad_config_as_a_process(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[device]\nid = 5\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeagent", "run", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 78
+    assert "device.id" in proc.stderr
