@@ -38,7 +38,8 @@ def setup_logging(cfg: Config, override: str | None = None) -> None:
     root.setLevel(logging.DEBUG)  # handlers filter; the log ring keeps DEBUG lines
     journal = None
     if cfg.logging.journald != "off":
-        journal = systemd.journal_handler(force=cfg.logging.journald == "on")
+        forced = {"INVOCATION_ID": "forced"} if cfg.logging.journald == "on" else None
+        journal = systemd.journal_handler(environ=forced)
     handler: logging.Handler
     if journal is not None:
         handler = journal

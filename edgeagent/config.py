@@ -98,7 +98,7 @@ class HealthConfig(_Section):
     """Root under which /sys and /proc are read (tests point it at a fixture tree)."""
     vcgencmd: str | None = "vcgencmd"
     watchdog_max_lag_s: float | None = None
-    """Skip the systemd watchdog ping when the loop lags more than this (default: the ping interval)."""
+    """Skip the watchdog ping when the loop lags more than this (default: the ping interval)."""
 
 
 class IceConfig(_Section):

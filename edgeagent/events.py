@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class AlertChanged(Event):
     data: dict[str, Any] = field(default_factory=dict)
 
 
-Handler = Callable[[Event], None]
+E = TypeVar("E", bound=Event)
 
 
 class EventBus:
@@ -69,10 +69,10 @@ class EventBus:
     """
 
     def __init__(self) -> None:
-        self._handlers: list[tuple[type[Event], Handler]] = []
+        self._handlers: list[tuple[type[Event], Callable[[Any], None]]] = []
 
-    def subscribe(self, kind: type[Event], handler: Handler) -> Callable[[], None]:
-        entry = (kind, handler)
+    def subscribe(self, kind: type[E], handler: Callable[[E], None]) -> Callable[[], None]:
+        entry: tuple[type[Event], Callable[[Any], None]] = (kind, handler)
         self._handlers.append(entry)
 
         def unsubscribe() -> None:
@@ -89,11 +89,11 @@ class EventBus:
                 except Exception:  # a subscriber bug must not break the publisher
                     logger.exception("event bus: handler %r failed on %r", handler, event)
 
-    def queue(self, kind: type[Event], maxsize: int = 1000) -> asyncio.Queue[Event]:
+    def queue(self, kind: type[E], maxsize: int = 1000) -> asyncio.Queue[E]:
         """A queue receiving every event of `kind`; the oldest is dropped when full."""
-        q: asyncio.Queue[Event] = asyncio.Queue(maxsize)
+        q: asyncio.Queue[E] = asyncio.Queue(maxsize)
 
-        def put(event: Event) -> None:
+        def put(event: E) -> None:
             if q.full():
                 q.get_nowait()
             q.put_nowait(event)

@@ -1,0 +1,260 @@
+"""The broker link: connect, Last Will, birth, reconnect with backoff, publish-with-ack, subscribe.
+
+One `aiomqtt.Client` per connection attempt, because the Will (which carries
+the session counter) is fixed at CONNECT. The session counter is persisted and
+incremented before every CONNECT, so birth and Will of one connection carry the
+same value and a consumer can discard a late Will from an older session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgeagent.config import MqttConfig
+from edgeagent.events import BrokerConnected, BrokerDisconnected, EventBus
+
+logger = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(Exception):
+    """Transient: the link is down; spooled data waits, volatile data is dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A message received from the broker, free of client-library types."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
+
+
+InboundHandler = Callable[[Inbound], None]
+
+
+class SessionCounter:
+    """The persisted CONNECT counter of protocol section 1, written atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        try:
+            self.value = int(path.read_text().strip() or 0)
+        except FileNotFoundError:
+            self.value = 0
+        except (OSError, ValueError):
+            logger.warning("session counter %s unreadable; continuing from 0", path)
+            self.value = 0
+
+    def next(self) -> int:
+        self.value += 1
+        tmp = self._path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(str(self.value))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._path)
+        return self.value
+
+
+def backoff_delays(min_s: float, max_s: float, rng: random.Random) -> Any:
+    """Capped exponential backoff with jitter: each delay in [d/2, d], d doubling to max."""
+    delay = min_s
+    while True:
+        yield rng.uniform(delay / 2, delay)
+        delay = min(max_s, delay * 2)
+
+
+def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
+    t = cfg.tls
+    if not t.enabled:
+        return None
+    ctx = ssl.create_default_context(cafile=str(t.ca_file) if t.ca_file else None)
+    if t.cert_file:
+        ctx.load_cert_chain(str(t.cert_file), str(t.key_file) if t.key_file else None)
+    if t.insecure_skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class BrokerLink:
+    """Owns the connection to the broker for the life of the agent."""
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        client_id: str,
+        *,
+        sessions: SessionCounter,
+        will: Callable[[int], tuple[str, bytes]],
+        on_connected: Callable[[int], Awaitable[None]],
+        bus: EventBus,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._cfg = cfg
+        self._client_id = client_id
+        self._sessions = sessions
+        self._will = will
+        self._on_connected = on_connected
+        self._bus = bus
+        self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not crypto
+        self._client: aiomqtt.Client | None = None
+        self._subs: dict[str, InboundHandler] = {}
+        self.connected = asyncio.Event()
+        self.disconnected = asyncio.Event()
+        self.disconnected.set()
+        self.session = sessions.value
+        self.last_error: str | None = None
+        self._closing = False
+
+    @property
+    def v5(self) -> bool:
+        return self._cfg.protocol == "5"
+
+    def subscribe(self, topic_filter: str, handler: InboundHandler) -> None:
+        """Register a handler; (re)subscribed on every connect. Handlers must not block."""
+        self._subs[topic_filter] = handler
+
+    async def run(self) -> None:
+        delays = backoff_delays(self._cfg.reconnect_min_s, self._cfg.reconnect_max_s, self._rng)
+        while not self._closing:
+            try:
+                await self._connection()
+            except (aiomqtt.MqttError, BrokerUnavailable) as exc:
+                self.last_error = str(exc)
+            except OSError as exc:  # DNS, TLS files, refused before aiomqtt wraps it
+                self.last_error = f"{type(exc).__name__}: {exc}"
+            finally:
+                was_up = self.connected.is_set()
+                self.connected.clear()
+                self.disconnected.set()
+                self._client = None
+            if self._closing:
+                return
+            if was_up:
+                logger.warning("mqtt: connection lost: %s", self.last_error)
+                self._bus.publish(BrokerDisconnected(self.last_error or "lost"))
+                delays = backoff_delays(
+                    self._cfg.reconnect_min_s, self._cfg.reconnect_max_s, self._rng
+                )
+            delay = next(delays)
+            logger.debug("mqtt: reconnecting in %.1f s (%s)", delay, self.last_error)
+            await asyncio.sleep(delay)
+
+    async def _connection(self) -> None:
+        session = self._sessions.next()
+        will_topic, will_payload = self._will(session)
+        cfg = self._cfg
+        client = aiomqtt.Client(
+            cfg.host,
+            cfg.port,
+            identifier=self._client_id,
+            username=cfg.username,
+            password=cfg.password.get_secret_value() if cfg.password else None,
+            protocol=aiomqtt.ProtocolVersion.V5 if self.v5 else aiomqtt.ProtocolVersion.V311,
+            will=aiomqtt.Will(will_topic, will_payload, qos=1, retain=True),
+            clean_session=None if self.v5 else True,
+            keepalive=cfg.keepalive_s,
+            timeout=cfg.connect_timeout_s,
+            tls_context=tls_context(cfg),
+            max_inflight_messages=cfg.max_inflight,
+            max_queued_incoming_messages=1000,
+        )
+        async with client:
+            self._client = client
+            self.session = session
+            self.last_error = None
+            for topic_filter in self._subs:
+                await client.subscribe(topic_filter, qos=1)
+            await self._on_connected(session)
+            self.connected.set()
+            self.disconnected.clear()
+            logger.info(
+                "mqtt: connected to %s:%d (session %d, MQTT %s)",
+                cfg.host,
+                cfg.port,
+                session,
+                cfg.protocol,
+            )
+            self._bus.publish(BrokerConnected(session))
+            async for message in client.messages:
+                self._dispatch(message)
+
+    def _dispatch(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        handler = next((h for f, h in self._subs.items() if message.topic.matches(f)), None)
+        if handler is None:
+            return
+        payload = message.payload
+        if isinstance(payload, str):
+            payload = payload.encode()
+        elif not isinstance(payload, bytes | bytearray):
+            payload = b"" if payload is None else str(payload).encode()
+        props = message.properties
+        inbound = Inbound(
+            topic=topic,
+            payload=bytes(payload),
+            response_topic=getattr(props, "ResponseTopic", None) if props else None,
+            correlation_data=getattr(props, "CorrelationData", None) if props else None,
+            user_properties=tuple(getattr(props, "UserProperty", ()) or ()) if props else (),
+        )
+        try:
+            handler(inbound)
+        except Exception:  # a handler bug must not take the broker link down
+            logger.exception("mqtt: handler for %s failed", topic)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+        user_properties: list[tuple[str, str]] | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        """Publish; with QoS 1 this returns only after the broker's PUBACK."""
+        client = self._client  # set from CONNACK on, so birth can go out before `connected`
+        if client is None:
+            raise BrokerUnavailable("not connected")
+        props = None
+        if self.v5 and (correlation_data is not None or user_properties):
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if correlation_data is not None:
+                props.CorrelationData = correlation_data
+            if user_properties:
+                props.UserProperty = user_properties
+        try:
+            await client.publish(
+                topic, payload, qos=qos, retain=retain, properties=props, timeout=timeout_s
+            )
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    async def close(self, final: tuple[str, bytes] | None = None) -> None:
+        """Publish `final` (the clean `offline` status) and stop reconnecting.
+
+        The owner then cancels `run()`; leaving the client's context sends a
+        normal DISCONNECT, so the broker discards the Will.
+        """
+        self._closing = True
+        client = self._client
+        if client is not None and final is not None:
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                await client.publish(final[0], final[1], qos=1, retain=True, timeout=2.0)

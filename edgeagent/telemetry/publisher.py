@@ -1,0 +1,252 @@
+"""Gets telemetry to the broker: spooled topics through the durable spool, the rest live.
+
+Spooled messages (events, alerts, summaries, crashes, traces) are committed to
+the spool with their `seq` before any attempt to send, and acknowledged out of
+it only after the broker's PUBACK. The drain sends a window of QoS 1 publishes
+in seq order and acks each as its PUBACK arrives; after a reconnect it starts
+again from the oldest unacknowledged message (QoS 1: at least once).
+
+Volatile messages (metrics, quality) are dropped while offline; the retained
+`health` state is remembered and republished on every connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from edgeagent.mqtt import BrokerLink, BrokerUnavailable
+from edgeagent.telemetry import payloads as p
+from edgeagent.telemetry.breadcrumbs import Breadcrumbs, Crumb
+from edgeagent.telemetry.spool import Spool
+from edgeagent.telemetry.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+
+class TokenBucket:
+    """A token bucket on an injected monotonic clock."""
+
+    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float]) -> None:
+        self._rate = rate_per_s
+        self._burst = float(burst)
+        self._clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+class Publisher:
+    """The one writer of device telemetry; owns the spool drain."""
+
+    def __init__(
+        self,
+        link: BrokerLink,
+        spool: Spool,
+        topics: Topics,
+        crumbs: Breadcrumbs,
+        *,
+        wall: Callable[[], float],
+        monotonic: Callable[[], float],
+        events_rate_per_s: float = 20.0,
+        events_burst: int = 100,
+        window: int = 32,
+    ) -> None:
+        self._link = link
+        self._spool = spool
+        self._topics = topics
+        self._crumbs = crumbs
+        self._wall = wall
+        self._window = window
+        self._bucket = TokenBucket(events_rate_per_s, events_burst, monotonic)
+        self._suppressed: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._health: bytes | None = None
+        self.sent = 0
+
+    # --- building -------------------------------------------------------------------------
+
+    def base(self) -> dict[str, Any]:
+        return {"v": p.PROTOCOL_VERSION, "device": self._topics.device_id, "ts": self.ts()}
+
+    def ts(self) -> float:
+        return round(self._wall(), 3)
+
+    # --- spooled --------------------------------------------------------------------------
+
+    def spool(
+        self, topic: str, build: Callable[[int], msgspec.Struct], *, retain: bool = False
+    ) -> int:
+        """Commit a message with the next seq; the drain sends it when the link is up."""
+        seq = self._spool.put(topic, lambda seq: p.encode(build(seq)), retain=retain)
+        self._wake.set()
+        return seq
+
+    def event(
+        self,
+        level: p.Level,
+        category: str,
+        message: str,
+        *,
+        data: dict[str, Any] | None = None,
+        call_id: str | None = None,
+        trace_id: str | None = None,
+        crumb: bool = True,
+    ) -> int | None:
+        """Record a breadcrumb and stream it on `events` (rate limited, never silently)."""
+        ts = self.ts()
+        if crumb:
+            self._crumbs.add(Crumb(ts, level, category, message, data, call_id, trace_id))
+        if not self._bucket.take():
+            self._suppressed[category] = self._suppressed.get(category, 0) + 1
+            return None
+        if self._suppressed:
+            self._flush_suppressed()
+        return self.spool(
+            self._topics.events,
+            lambda seq: p.Event(
+                v=1,
+                device=self._topics.device_id,
+                ts=ts,
+                seq=seq,
+                level=level,
+                category=category,
+                message=message,
+                data=data,
+                call_id=call_id,
+                trace_id=trace_id,
+            ),
+        )
+
+    def stream_crumb(self, crumb: Crumb) -> None:
+        """Sink for log records at WARNING and above (already in the crumb ring)."""
+        self.event(
+            crumb.level,  # type: ignore[arg-type]
+            crumb.category,
+            crumb.message,
+            data=crumb.data,
+            call_id=crumb.call_id,
+            crumb=False,
+        )
+
+    def _flush_suppressed(self) -> None:
+        counts, self._suppressed = self._suppressed, {}
+        total = sum(counts.values())
+        self.spool(
+            self._topics.events,
+            lambda seq: p.Event(
+                v=1,
+                device=self._topics.device_id,
+                ts=self.ts(),
+                seq=seq,
+                level="warning",
+                category="telemetry.rate_limit",
+                message=f"{total} events over the rate limit were not streamed",
+                data={"suppressed": counts},
+            ),
+        )
+
+    def report_spool_drops(self) -> None:
+        """Turn the spool's dropped ranges into `spool` events (protocol section 2)."""
+        for drop in self._spool.take_drop_reports():
+            self.event(
+                "error",
+                "spool",
+                f"spool full ({drop.reason}): dropped seq {drop.first_seq}..{drop.last_seq}",
+                data={
+                    "first_seq": drop.first_seq,
+                    "last_seq": drop.last_seq,
+                    "count": drop.count,
+                    "reason": drop.reason,
+                },
+            )
+
+    # --- volatile -------------------------------------------------------------------------
+
+    def volatile(self, topic: str, payload: msgspec.Struct) -> bool:
+        """QoS 0, not spooled: sent if the link is up, else dropped. True if handed over."""
+        if not self._link.connected.is_set():
+            return False
+        task = asyncio.get_running_loop().create_task(self._send_volatile(topic, p.encode(payload)))
+        task.add_done_callback(_consume)
+        return True
+
+    async def _send_volatile(self, topic: str, data: bytes) -> None:
+        with contextlib.suppress(BrokerUnavailable):
+            await self._link.publish(topic, data, qos=0)
+
+    def health(self, payload: p.Health) -> None:
+        """Retained QoS 1 health; the latest is republished on every connect."""
+        self._health = p.encode(payload)
+        if self._link.connected.is_set():
+            task = asyncio.get_running_loop().create_task(self._send_health())
+            task.add_done_callback(_consume)
+
+    async def _send_health(self) -> None:
+        if self._health is None:
+            return
+        with contextlib.suppress(BrokerUnavailable):  # sent again on the next connect
+            await self._link.publish(self._topics.health, self._health, qos=1, retain=True)
+
+    async def on_connected(self) -> None:
+        """Called by the link after every connect, before it reports itself up."""
+        self._wake.set()
+
+    # --- drain ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Drain the spool whenever the link is up, oldest first."""
+        while True:
+            await self._link.connected.wait()
+            await self._send_health()
+            try:
+                await self._drain()
+            except BrokerUnavailable as exc:
+                logger.debug("publisher: drain paused: %s", exc)
+                await self._link.disconnected.wait()
+
+    async def _drain(self) -> None:
+        while self._link.connected.is_set():
+            self.report_spool_drops()
+            self._wake.clear()
+            batch = self._spool.pending(limit=self._window)
+            if not batch:
+                await self._wait_wake_or_disconnect()
+                continue
+            results = await asyncio.gather(
+                *(self._link.publish(e.topic, e.payload, qos=1, retain=e.retain) for e in batch),
+                return_exceptions=True,
+            )
+            done = [e.seq for e, r in zip(batch, results, strict=True) if r is None]
+            self._spool.ack_many(done)
+            self.sent += len(done)
+            failure = next((r for r in results if isinstance(r, BaseException)), None)
+            if failure is not None:
+                raise failure
+
+    async def _wait_wake_or_disconnect(self) -> None:
+        wake = asyncio.ensure_future(self._wake.wait())
+        down = asyncio.ensure_future(self._link.disconnected.wait())
+        try:
+            await asyncio.wait({wake, down}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wake.cancel()
+            down.cancel()
+
+
+def _consume(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("publisher: send failed", exc_info=task.exception())
