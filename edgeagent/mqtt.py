@@ -114,6 +114,7 @@ class BrokerLink:
         self._bus = bus
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not crypto
         self._client: aiomqtt.Client | None = None
+        self._lost: asyncio.Future[None] | None = None  # resolved when this connection ends
         self._subs: dict[str, InboundHandler] = {}
         self.connected = asyncio.Event()
         self.disconnected = asyncio.Event()
@@ -140,6 +141,8 @@ class BrokerLink:
             except OSError as exc:  # DNS, TLS files, refused before aiomqtt wraps it
                 self.last_error = f"{type(exc).__name__}: {exc}"
             finally:
+                if self._lost is not None and not self._lost.done():
+                    self._lost.set_result(None)
                 was_up = self.connected.is_set()
                 self.connected.clear()
                 self.disconnected.set()
@@ -176,6 +179,7 @@ class BrokerLink:
             max_queued_incoming_messages=1000,
         )
         async with client:
+            self._lost = asyncio.get_running_loop().create_future()
             self._client = client
             self.session = session
             self.last_error = None
@@ -240,10 +244,21 @@ class BrokerLink:
                 props.CorrelationData = correlation_data
             if user_properties:
                 props.UserProperty = user_properties
-        try:
-            await client.publish(
+        lost = self._lost
+        send = asyncio.ensure_future(
+            client.publish(
                 topic, payload, qos=qos, retain=retain, properties=props, timeout=timeout_s
             )
+        )
+        if lost is not None:
+            # aiomqtt leaves a QoS 1 publish waiting for its full timeout when the
+            # connection drops; end it at once so the spool resends on the next one.
+            await asyncio.wait({send, lost}, return_when=asyncio.FIRST_COMPLETED)
+            if not send.done():
+                send.cancel()
+                raise BrokerUnavailable("connection lost before the broker acknowledged")
+        try:
+            await send
         except aiomqtt.MqttError as exc:
             raise BrokerUnavailable(str(exc)) from exc
 

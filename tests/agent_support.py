@@ -121,6 +121,13 @@ class Collector:
         timeout: float = 10.0,  # noqa: ASYNC109
     ) -> Any:
         """Wait until predicate(messages) is truthy and return its value."""
+        try:
+            return await self._wait_for(predicate, timeout)
+        except TimeoutError:
+            seen = [(m.topic, m.payload[:200]) for m in self.messages[-20:]]
+            raise TimeoutError(f"waited {timeout} s; last messages: {seen}") from None
+
+    async def _wait_for(self, predicate: Callable[[list[Received]], Any], timeout: float) -> Any:  # noqa: ASYNC109
         async with asyncio.timeout(timeout):
             async with self._changed:
                 while True:
@@ -131,9 +138,20 @@ class Collector:
 
 
 @contextlib.asynccontextmanager
-async def collector(port: int, *topics: str, v5: bool = True) -> AsyncIterator[Collector]:
+async def collector(
+    port: int, *topics: str, v5: bool = True, persistent_id: str | None = None
+) -> AsyncIterator[Collector]:
+    """Subscribe to `topics`; with `persistent_id`, an MQTT 3.1.1 persistent session."""
+    if persistent_id is not None:
+        v5 = False
     proto = aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311
-    async with aiomqtt.Client("127.0.0.1", port, protocol=proto) as client:
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        port,
+        protocol=proto,
+        identifier=persistent_id,
+        clean_session=False if persistent_id is not None else None,
+    ) as client:
         for t in topics:
             await client.subscribe(t, qos=1)
         c = Collector(client)

@@ -59,8 +59,10 @@ class Breadcrumbs:
 class CrumbLogHandler(logging.Handler):
     """Turns log records at INFO and above into crumbs, and passes them on to `sink`.
 
-    `sink` (the event streamer) receives only records at `stream_level` and
-    above. A record emitted while the sink runs is not fed back into it.
+    `sink` (the event streamer) receives our own records at `stream_level` and
+    above, and third-party records only from ERROR up (libraries log chatty
+    warnings while the broker is away). A record emitted while the sink runs is
+    not fed back into it.
     """
 
     def __init__(
@@ -89,7 +91,12 @@ class CrumbLogHandler(logging.Handler):
             self.handleError(record)
             return
         self._crumbs.add(crumb)
-        if self._sink is not None and record.levelno >= self._stream_level and not self._busy:
+        if (
+            self._sink is not None
+            and record.levelno >= self._stream_level
+            and (record.name.startswith("edgeagent") or record.levelno >= logging.ERROR)
+            and not self._busy
+        ):
             self._busy = True
             try:
                 self._sink(crumb)

@@ -1,0 +1,583 @@
+"""The durable spool: spooled MQTT messages on disk until the broker acknowledges them.
+
+One SQLite file in WAL mode. Each `put` assigns the next per-device `seq` and
+stores the message in one transaction; messages are deleted only by `ack`
+(after the broker's PUBACK) or by a cap (count, bytes, age, free-disk
+headroom), oldest first. Every cap drop is recorded as a seq range in the same
+transaction as the delete, so the caller can report what was lost, even after a
+restart. Modelled on memfaultd's atomic commit and oldest-first cleanup.
+
+`seq` never goes backwards: it lives in the database and a reserved ceiling
+lives in a small sidecar file (`<name>.seq`, replaced atomically), so that a
+database corrupt beyond SQLite's own recovery can be moved aside and a fresh
+one started above every seq ever handed out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, TypeVar
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# Seqs reserved in the sidecar per write: one fsync'd file write per this many puts.
+_SEQ_BLOCK = 10_000
+# SQLite primary result codes meaning "this file is damaged".
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+# Reported drop rows kept for diagnosis; older ones are pruned.
+_KEEP_REPORTED_DROPS = 256
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    retain INTEGER NOT NULL,
+    created_ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS drops (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    reported INTEGER NOT NULL DEFAULT 0
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('next_seq', 1), ('dropped_total', 0);
+"""
+
+
+class DropReason(StrEnum):
+    """Why spooled messages were dropped before delivery."""
+
+    COUNT = "count"
+    BYTES = "bytes"
+    AGE = "age"
+    DISK = "disk"
+    # The database was unreadable and moved aside; the range is an upper bound.
+    CORRUPT = "corrupt"
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolEntry:
+    """One stored message, as `pending` returns it."""
+
+    seq: int
+    topic: str
+    payload: bytes
+    retain: bool
+    created_ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class DropReport:
+    """A contiguous range of seqs dropped for one reason."""
+
+    first_seq: int
+    last_seq: int
+    count: int
+    reason: DropReason
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolStats:
+    """Counters for metrics: what waits, what was lost, what comes next."""
+
+    pending: int
+    pending_bytes: int
+    dropped_total: int
+    next_seq: int
+
+
+class _CorruptStore(Exception):
+    """The database failed its integrity check."""
+
+
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return False
+    return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
+def _runs(seqs: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive integers in an ascending list."""
+    out: list[tuple[int, int]] = []
+    for s in seqs:
+        if out and out[-1][1] + 1 == s:
+            out[-1] = (out[-1][0], s)
+        else:
+            out.append((s, s))
+    return out
+
+
+class Spool:
+    """Durable FIFO of spooled messages with a persisted, never-reused seq."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_messages: int = 100_000,
+        max_bytes: int = 64 * 1024 * 1024,
+        max_age_s: float = 7 * 86400,
+        min_free_mb: float = 64.0,
+        durability: Literal["normal", "full"] = "normal",
+        clock: Callable[[], float] = time.time,
+        disk_free_mb: Callable[[], float] | None = None,
+    ) -> None:
+        if durability not in ("normal", "full"):
+            raise ValueError(f"durability must be 'normal' or 'full', not {durability!r}")
+        self.path = Path(path)
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
+        self.min_free_mb = min_free_mb
+        self._synchronous = "FULL" if durability == "full" else "NORMAL"
+        self._clock = clock
+        self._disk_free_mb = disk_free_mb or self._real_disk_free_mb
+        self._sidecar = self.path.with_name(self.path.name + ".seq")
+        self._warned: set[DropReason] = set()
+        self._count = 0
+        self._bytes = 0
+        self._next_seq = 1
+        self._dropped_total = 0
+        self._ceiling = 0
+        self._conn: sqlite3.Connection | None = None
+        # True once the state above was read from a healthy store (then next_seq is exact).
+        self._loaded = False
+        try:
+            self._open()
+        except (sqlite3.DatabaseError, _CorruptStore) as exc:
+            if isinstance(exc, sqlite3.DatabaseError) and not _is_corruption(exc):
+                raise
+            self._recover(exc)
+        self.enforce_caps()
+
+    # -- public API ---------------------------------------------------------
+
+    def put(self, topic: str, build: Callable[[int], bytes], *, retain: bool = False) -> int:
+        """Store one message built for the next seq, durably; return that seq."""
+        seq = self._guard(lambda: self._put(topic, build, retain))
+        self.enforce_caps()
+        return seq
+
+    def pending(self, limit: int = 100, after: int | None = None) -> list[SpoolEntry]:
+        """Up to `limit` stored messages with seq > `after`, oldest first."""
+        lo = -1 if after is None else after
+        rows = self._guard(
+            lambda: self._db.execute(
+                "SELECT seq, topic, payload, retain, created_ts FROM messages"
+                " WHERE seq > ? ORDER BY seq LIMIT ?",
+                (lo, limit),
+            ).fetchall()
+        )
+        return [SpoolEntry(r[0], r[1], bytes(r[2]), bool(r[3]), r[4]) for r in rows]
+
+    def ack(self, seq: int) -> None:
+        """Delete a message the broker acknowledged; acking twice is harmless."""
+        self.ack_many((seq,))
+
+    def ack_many(self, seqs: Iterable[int]) -> None:
+        """Delete several acknowledged messages in one transaction."""
+        wanted = list(seqs)
+        if wanted:
+            self._guard(lambda: self._ack_many(wanted))
+
+    def take_drop_reports(self) -> list[DropReport]:
+        """Return the drop ranges not reported yet, and mark them reported."""
+        return self._guard(self._take_drop_reports)
+
+    def stats(self) -> SpoolStats:
+        """Pending count and bytes, persisted drop total, the next seq to assign."""
+        return SpoolStats(self._count, self._bytes, self._dropped_total, self._next_seq)
+
+    def enforce_caps(self) -> None:
+        """Drop oldest messages until every cap holds; `put` calls this after each commit."""
+        self._guard(self._enforce_caps)
+
+    def close(self) -> None:
+        """Close the database (checkpointing the WAL); further calls fail."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- opening and recovery ------------------------------------------------
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError(f"spool {self.path}: closed")
+        return self._conn
+
+    def _open(self) -> None:
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        self._conn = conn
+        if fresh:
+            # Must precede the first table; lets a disk-cap cleanup give pages back.
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise RuntimeError(f"spool {self.path}: cannot use WAL (journal_mode={mode})")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("PRAGMA journal_size_limit=4194304")
+        check = conn.execute("PRAGMA quick_check(1)").fetchall()
+        if check != [("ok",)]:
+            raise _CorruptStore(f"quick_check: {check[0][0] if check else 'no result'}")
+        conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+        self._load_state()
+        self._ceiling = self._read_sidecar()[0]
+        self._loaded = True
+
+    def _load_state(self) -> None:
+        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        top = self._db.execute("SELECT max(seq) FROM messages").fetchone()[0]
+        # A stored message vouches for its own seq; meta vouches for deleted ones.
+        self._next_seq = max(int(meta["next_seq"]), (top or 0) + 1)
+        self._dropped_total = int(meta["dropped_total"])
+        count, size = self._db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM messages"
+        ).fetchone()
+        self._count, self._bytes = int(count), int(size)
+
+    def _guard(self, op: Callable[[], _T]) -> _T:
+        """Run `op`; if the database turns out corrupt, start a fresh one and retry once."""
+        try:
+            return op()
+        except sqlite3.DatabaseError as exc:
+            self._rollback()
+            if not _is_corruption(exc):
+                raise
+            self._recover(exc)
+            return op()
+
+    def _rollback(self) -> None:
+        if self._conn is not None and self._conn.in_transaction:
+            try:
+                self._conn.rollback()
+            except sqlite3.Error:
+                logger.debug("spool %s: rollback failed", self.path, exc_info=True)
+
+    def _recover(self, exc: BaseException) -> None:
+        """Move the damaged file aside and open a fresh store whose seqs continue above."""
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                logger.debug("spool %s: close of damaged store failed", self.path)
+            self._conn = None
+        ceiling, low = self._read_sidecar()
+        salvaged_next, salvaged_low = self._peek_damaged()
+        # Damaged while open, the seq in memory is exact; otherwise take the safe ceiling.
+        start = self._next_seq if self._loaded else max(ceiling, salvaged_next or 0, self._next_seq)
+        self._loaded = False
+        lows = [x for x in (salvaged_low, low) if x is not None]
+        first = min(lows) if lows else None
+        aside = self._move_aside()
+        logger.error(
+            "spool %s: database unreadable (%s); moved to %s, starting fresh at seq %d",
+            self.path,
+            exc,
+            aside,
+            start,
+        )
+        dropped_before = self._dropped_total
+        self._next_seq = 1
+        self._open()
+        self._next_seq = start
+        lost: tuple[int, int] | None = None
+        if first is not None and start - 1 >= first:
+            lost = (first, start - 1)
+        self._dropped_total = dropped_before + (lost[1] - lost[0] + 1 if lost else 0)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._persist_next_seq()
+            self._db.execute(
+                "UPDATE meta SET value=? WHERE key='dropped_total'", (self._dropped_total,)
+            )
+            if lost is not None:
+                self._record_drops([lost], DropReason.CORRUPT)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        if lost is not None:
+            logger.error(
+                "spool %s: seqs %d..%d may be lost with the damaged store",
+                self.path,
+                lost[0],
+                lost[1],
+            )
+        elif start == 1:
+            logger.error("spool %s: no seq record survived; seq restarts at 1", self.path)
+
+    def _peek_damaged(self) -> tuple[int | None, int | None]:
+        """Best effort: next_seq and lowest pending seq from the damaged file."""
+        try:
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+        except sqlite3.Error:
+            return None, None
+        next_seq: int | None = None
+        low: int | None = None
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+            next_seq = int(row[0]) if row else None
+            lo, hi = conn.execute("SELECT min(seq), max(seq) FROM messages").fetchone()
+            low = int(lo) if lo is not None else None
+            if hi is not None:
+                next_seq = max(next_seq or 0, int(hi) + 1)
+        except (sqlite3.Error, ValueError, TypeError):
+            logger.debug("spool %s: damaged store unreadable", self.path)
+        finally:
+            conn.close()
+        return next_seq, low
+
+    def _move_aside(self) -> Path:
+        stamp = int(self._clock())
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 0
+        while aside.exists():
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(aside) + suffix))
+        return aside
+
+    # -- the seq ceiling sidecar -------------------------------------------
+
+    def _read_sidecar(self) -> tuple[int, int | None]:
+        """(ceiling, lowest seq that was pending when it was written); (0, None) if unknown."""
+        try:
+            data = json.loads(self._sidecar.read_text())
+            return int(data["ceiling"]), int(data["low"])
+        except FileNotFoundError:
+            return 0, None
+        except (OSError, ValueError, KeyError, TypeError):
+            logger.warning("spool %s: unreadable seq sidecar %s", self.path, self._sidecar)
+            return 0, None
+
+    def _reserve(self, seq: int) -> None:
+        """Durably raise the ceiling above `seq` before any seq at or above it is committed."""
+        ceiling = seq + _SEQ_BLOCK
+        row = self._db.execute("SELECT min(seq) FROM messages").fetchone()
+        low = int(row[0]) if row[0] is not None else seq
+        tmp = self._sidecar.with_name(self._sidecar.name + ".tmp")
+        with tmp.open("w") as f:
+            f.write(json.dumps({"ceiling": ceiling, "low": low}))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._sidecar)
+        dir_fd = os.open(self._sidecar.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._ceiling = ceiling
+
+    # -- operations -----------------------------------------------------------
+
+    def _put(self, topic: str, build: Callable[[int], bytes], retain: bool) -> int:
+        seq = self._next_seq
+        if seq >= self._ceiling:
+            self._reserve(seq)
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            payload = build(seq)
+            if not isinstance(payload, bytes):
+                raise TypeError(f"build must return bytes, not {type(payload).__name__}")
+            db.execute(
+                "INSERT INTO messages (seq, topic, payload, retain, created_ts)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (seq, topic, payload, int(retain), self._clock()),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self._next_seq = seq + 1
+        self._count += 1
+        self._bytes += len(payload)
+        return seq
+
+    def _ack_many(self, seqs: list[int]) -> None:
+        db = self._db
+        freed = removed = 0
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._persist_next_seq()
+            for seq in seqs:
+                for (size,) in db.execute(
+                    "DELETE FROM messages WHERE seq=? RETURNING length(payload)", (seq,)
+                ).fetchall():
+                    removed += 1
+                    freed += int(size)
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self._count -= removed
+        self._bytes -= freed
+
+    def _take_drop_reports(self) -> list[DropReport]:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = db.execute(
+                "SELECT id, first_seq, last_seq, count, reason FROM drops"
+                " WHERE reported=0 ORDER BY id"
+            ).fetchall()
+            if rows:
+                db.execute("UPDATE drops SET reported=1 WHERE id <= ?", (rows[-1][0],))
+                db.execute(
+                    "DELETE FROM drops WHERE reported=1 AND id <= ?",
+                    (rows[-1][0] - _KEEP_REPORTED_DROPS,),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return [DropReport(r[1], r[2], r[3], DropReason(r[4])) for r in rows]
+
+    # -- caps ---------------------------------------------------------------
+
+    def _enforce_caps(self) -> None:
+        if self._count > self.max_messages:
+            self._drop(self._oldest(self._count - self.max_messages), DropReason.COUNT)
+        if self._bytes > self.max_bytes:
+            self._drop(self._oldest_over_bytes(), DropReason.BYTES)
+        if self._count:
+            self._drop(self._oldest_expired(), DropReason.AGE)
+        while self._count and self._disk_free_mb() < self.min_free_mb:
+            self._drop(self._oldest(max(16, self._count // 4)), DropReason.DISK)
+            self._release_space()
+
+    def _oldest(self, n: int) -> list[tuple[int, int]]:
+        rows = self._db.execute(
+            "SELECT seq, length(payload) FROM messages ORDER BY seq LIMIT ?", (n,)
+        ).fetchall()
+        return [(int(s), int(b)) for s, b in rows]
+
+    def _oldest_over_bytes(self) -> list[tuple[int, int]]:
+        excess = self._bytes - self.max_bytes
+        out: list[tuple[int, int]] = []
+        cur = self._db.execute("SELECT seq, length(payload) FROM messages ORDER BY seq")
+        for seq, size in cur:
+            out.append((int(seq), int(size)))
+            excess -= int(size)
+            if excess <= 0:
+                break
+        cur.close()
+        return out
+
+    def _oldest_expired(self) -> list[tuple[int, int]]:
+        cutoff = self._clock() - self.max_age_s
+        first = self._db.execute("SELECT created_ts FROM messages ORDER BY seq LIMIT 1").fetchone()
+        if first is None or first[0] >= cutoff:
+            return []
+        out: list[tuple[int, int]] = []
+        # Oldest-first prefix: a message stamped after a backwards clock step ends it.
+        cur = self._db.execute("SELECT seq, length(payload), created_ts FROM messages ORDER BY seq")
+        for seq, size, ts in cur:
+            if ts >= cutoff:
+                break
+            out.append((int(seq), int(size)))
+        cur.close()
+        return out
+
+    def _drop(self, rows: list[tuple[int, int]], reason: DropReason) -> None:
+        """Delete an oldest-first prefix of the store and record its seq ranges."""
+        if not rows:
+            return
+        last = rows[-1][0]
+        freed = sum(size for _, size in rows)
+        ranges = _runs([seq for seq, _ in rows])
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._persist_next_seq()
+            db.execute("DELETE FROM messages WHERE seq <= ?", (last,))
+            self._record_drops(ranges, reason)
+            db.execute("UPDATE meta SET value = value + ? WHERE key='dropped_total'", (len(rows),))
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self._count -= len(rows)
+        self._bytes -= freed
+        self._dropped_total += len(rows)
+        log = logger.debug if reason in self._warned else logger.warning
+        self._warned.add(reason)
+        log(
+            "spool %s: dropped %d oldest messages (seq %d..%d) for cap %s",
+            self.path,
+            len(rows),
+            rows[0][0],
+            last,
+            reason.value,
+        )
+
+    def _persist_next_seq(self) -> None:
+        """Record next_seq in meta; every transaction that deletes messages calls this.
+
+        `put` does not write meta (one page less per commit): the highest stored
+        message already proves its seq was used, and a delete writes meta first.
+        """
+        self._db.execute(
+            "UPDATE meta SET value=? WHERE key='next_seq' AND value<>?",
+            (self._next_seq, self._next_seq),
+        )
+
+    def _record_drops(self, ranges: list[tuple[int, int]], reason: DropReason) -> None:
+        """Insert drop ranges, extending the newest unreported one when they touch."""
+        db = self._db
+        for first, last in ranges:
+            tail = db.execute(
+                "SELECT id, last_seq, reason FROM drops WHERE reported=0 ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+            if tail is not None and tail[2] == reason.value and tail[1] + 1 == first:
+                db.execute(
+                    "UPDATE drops SET last_seq=?, count=count+? WHERE id=?",
+                    (last, last - first + 1, tail[0]),
+                )
+            else:
+                db.execute(
+                    "INSERT INTO drops (first_seq, last_seq, count, reason) VALUES (?, ?, ?, ?)",
+                    (first, last, last - first + 1, reason.value),
+                )
+
+    def _release_space(self) -> None:
+        """Give freed pages back to the filesystem (only worth it when the disk is short)."""
+        self._db.execute("PRAGMA incremental_vacuum").fetchall()
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def _real_disk_free_mb(self) -> float:
+        return shutil.disk_usage(self.path.parent).free / (1024 * 1024)
