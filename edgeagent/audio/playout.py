@@ -1,0 +1,254 @@
+"""The playout buffer: bounded, drift-corrected, concealing; owned by us, not aiortc.
+
+Decoded frames are pushed with their RTP timestamp (in samples); the playback
+device pulls one frame per period. The buffer
+
+- prefills to a target depth (40-80 ms) before it starts playing;
+- keeps the depth near the target whatever the sender's clock does, by
+  time-compressing or stretching a frame by a few samples (`stretch`);
+- conceals a missing frame by repeating the last good one at decreasing
+  gain, then silence; after a long underrun it rebuffers to the target;
+- never holds more than `max_ms`: a push beyond that drops the oldest samples
+  (counted as an overrun), so latency is bounded by construction.
+
+aiortc's own audio jitter buffer stalls ~280 ms after a single loss and drops
+good packets after gaps (aiortc#543); `edgeagent.call.tracks` bypasses it and
+lets this buffer do timing and concealment. Thread-safe: push from the event
+loop, pull from the playback thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeagent.audio.frames import FRAME_SAMPLES, SAMPLE_RATE, Samples, stretch, to_int16
+
+
+@dataclass(frozen=True, slots=True)
+class PlayoutSettings:
+    """Playout tuning; depths in milliseconds of audio."""
+
+    target_ms: float = 60.0
+    max_ms: float = 200.0
+    tolerance_ms: float = 15.0  # drift correction starts this far from the target
+    fade_frames: int = 3  # concealment frames at decreasing gain, then silence
+    stretch_fraction: float = 0.02  # samples added/removed per corrected frame (2 %)
+    depth_smoothing: float = 0.02  # EMA factor per pull (about a 1 s time constant)
+    resync_ms: float = 2000.0  # a timestamp jump beyond this restarts the stream
+    frame_samples: int = FRAME_SAMPLES
+    rate: int = SAMPLE_RATE
+
+    def __post_init__(self) -> None:
+        if not 20.0 <= self.target_ms <= 120.0:
+            raise ValueError(f"target_ms {self.target_ms} outside 20..120")
+        if self.max_ms < self.target_ms + 2 * self.frame_samples * 1000 / self.rate:
+            raise ValueError("max_ms must exceed target_ms by at least two frames")
+
+
+@dataclass(frozen=True, slots=True)
+class PlayoutStats:
+    """Counters since creation; depths in ms."""
+
+    pushed_frames: int
+    played_frames: int  # frames pulled while playing (real or concealed)
+    silent_frames: int  # frames pulled while (re)buffering
+    concealed_frames: int
+    underruns: int  # times the buffer ran empty while playing
+    overruns: int  # pushes that hit max_ms and dropped the oldest samples
+    dropped_samples: int
+    late_frames: int  # arrived after their time had been played
+    compressed_frames: int  # drift correction: frames shortened
+    stretched_frames: int  # drift correction: frames lengthened
+    rebuffers: int
+    resyncs: int
+    depth_ms: float
+    max_depth_ms: float  # largest depth seen at any pull or push
+
+
+class PlayoutBuffer:
+    """See the module docstring. `push(samples, ts)`; `pull() -> frame_samples int16`."""
+
+    def __init__(self, settings: PlayoutSettings | None = None) -> None:
+        self.settings = s = settings or PlayoutSettings()
+        self._fs = s.frame_samples
+        self._ms = s.rate / 1000.0
+        self._target = round(s.target_ms * self._ms)
+        self._max = round(s.max_ms * self._ms)
+        self._tol = s.tolerance_ms * self._ms
+        self._step = max(1, round(self._fs * s.stretch_fraction))
+        self._resync = round(s.resync_ms * self._ms)
+        cap = self._max + 2 * self._fs
+        self._buf = np.zeros(cap, dtype=np.int16)
+        self._have = np.zeros(cap, dtype=bool)
+        self._lock = threading.Lock()
+        self._base_ts: int | None = None  # sender timestamp of _buf[0]
+        self._end = 0  # samples from _buf[0] to the end of the newest written sample
+        self._playing = False
+        self._avg_depth = float(self._target)
+        self._last_good = np.zeros(self._fs, dtype=np.int16)
+        self._conceal_run = 0
+        self._c = {
+            k: 0
+            for k in (
+                "pushed_frames",
+                "played_frames",
+                "silent_frames",
+                "concealed_frames",
+                "underruns",
+                "overruns",
+                "dropped_samples",
+                "late_frames",
+                "compressed_frames",
+                "stretched_frames",
+                "rebuffers",
+                "resyncs",
+            )
+        }
+        self._max_depth = 0
+
+    @property
+    def depth_ms(self) -> float:
+        """Audio buffered ahead of the playout point, in ms (the added latency)."""
+        return self._end / self._ms
+
+    @property
+    def playing(self) -> bool:
+        return self._playing
+
+    def stats(self) -> PlayoutStats:
+        with self._lock:
+            return PlayoutStats(
+                **self._c, depth_ms=self.depth_ms, max_depth_ms=self._max_depth / self._ms
+            )
+
+    def push(self, samples: Samples, ts: int | None = None) -> None:
+        """Add mono int16 samples whose first sample has sender timestamp `ts`.
+
+        `ts=None` appends right after the newest samples (contiguous audio).
+        """
+        with self._lock:
+            self._push(samples, ts)
+
+    def _push(self, samples: Samples, ts: int | None) -> None:
+        n = int(samples.size)
+        if n == 0:
+            return
+        if self._base_ts is None:
+            self._base_ts = ts if ts is not None else 0
+            self._end = 0
+        if ts is None:
+            ts = self._base_ts + self._end
+        off = ts - self._base_ts
+        if off > self._resync or off + n < -self._resync:
+            self._c["resyncs"] += 1
+            self._clear()
+            self._base_ts, off = ts, 0
+        if off + n <= 0:
+            self._c["late_frames"] += 1
+            return
+        if off < 0:
+            samples, off, n = samples[-off:], 0, n + off
+        if n > self._max:
+            samples, off, n = samples[n - self._max :], off + n - self._max, self._max
+        excess = off + n - self._max
+        if excess > 0:
+            self._c["overruns"] += 1
+            self._c["dropped_samples"] += min(excess, self._end)
+            self._shift(excess)
+            off -= excess
+        self._buf[off : off + n] = samples.reshape(-1)
+        self._have[off : off + n] = True
+        self._end = max(self._end, off + n)
+        self._max_depth = max(self._max_depth, self._end)
+        self._c["pushed_frames"] += 1
+
+    def pull(self) -> Samples:
+        """The next `frame_samples` of audio to play (silence while buffering)."""
+        with self._lock:
+            return self._pull()
+
+    def _pull(self) -> Samples:
+        fs = self._fs
+        if not self._playing:
+            if self._base_ts is None or self._end < self._target:
+                self._c["silent_frames"] += 1
+                return np.zeros(fs, dtype=np.int16)
+            self._playing = True
+            if self._end > self._target:  # start at the target, not at whatever piled up
+                self._c["dropped_samples"] += self._end - self._target
+                self._shift(self._end - self._target)
+            self._avg_depth = float(self._end)
+        self._c["played_frames"] += 1
+        depth = self._end
+        self._max_depth = max(self._max_depth, depth)
+        self._avg_depth += self.settings.depth_smoothing * (depth - self._avg_depth)
+
+        if depth <= 0:
+            return self._underrun()
+        consume = fs
+        excess = self._avg_depth - self._target
+        # Far off target (a burst after a stall): correct four times faster.
+        step = self._step * (4 if abs(excess) > 3 * self._tol else 1)
+        if self._have[: fs + step].all() and depth >= fs + step:
+            if excess > self._tol:
+                consume = fs + step
+                self._c["compressed_frames"] += 1
+            elif excess < -self._tol:
+                consume = fs - step
+                self._c["stretched_frames"] += 1
+        seg = self._buf[:consume].copy()
+        mask = self._have[:consume]
+        if mask.all():
+            out = stretch(seg, fs)
+            self._last_good = out
+            self._conceal_run = 0
+        else:
+            out = np.where(mask, seg, self._concealment())
+        self._shift(consume)
+        return out
+
+    def _underrun(self) -> Samples:
+        if self._conceal_run == 0:
+            self._c["underruns"] += 1
+        out = self._concealment()
+        if self._conceal_run > self.settings.fade_frames:
+            # Faded out and still nothing: rebuffer to the target from the next push.
+            self._playing = False
+            self._c["rebuffers"] += 1
+            self._clear()
+        else:
+            self._shift(self._fs)
+        return out
+
+    def _concealment(self) -> Samples:
+        """The last good frame at a gain ramping down over `fade_frames`, then silence."""
+        fade = self.settings.fade_frames
+        k = self._conceal_run
+        self._conceal_run += 1
+        self._c["concealed_frames"] += 1
+        if k >= fade:
+            return np.zeros(self._fs, dtype=np.int16)
+        g0, g1 = 1.0 - k / fade, 1.0 - (k + 1) / fade
+        ramp = np.linspace(g0, g1, self._fs, endpoint=False)
+        return to_int16(self._last_good.astype(np.float64) * ramp)
+
+    def _shift(self, count: int) -> None:
+        """Drop `count` samples from the front (played or overrun)."""
+        cap = self._buf.size
+        count = min(count, cap)
+        self._buf[: cap - count] = self._buf[count:]
+        self._buf[cap - count :] = 0
+        self._have[: cap - count] = self._have[count:]
+        self._have[cap - count :] = False
+        self._end = max(0, self._end - count)
+        if self._base_ts is not None:
+            self._base_ts += count
+
+    def _clear(self) -> None:
+        self._buf[:] = 0
+        self._have[:] = False
+        self._end = 0
+        self._base_ts = None

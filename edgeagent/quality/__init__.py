@@ -1,0 +1,1 @@
+"""Call quality: E-model MOS and normalised WebRTC statistics (pure functions)."""
