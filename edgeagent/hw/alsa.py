@@ -1,0 +1,356 @@
+"""ALSA capture and playback on threads: the only module that imports alsaaudio.
+
+Blocking device I/O runs on one thread per device and crosses into the event
+loop through a bounded queue (capture) or a pull callback (playback), so the
+loop never blocks. The bench's ALSA ``file`` PCMs are not clocked (a read or
+write returns at once); ``paced=True`` makes the thread sleep to real time so
+frames come every period, as they would from a sound card.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import alsaaudio
+import numpy as np
+from numpy.typing import NDArray
+
+from edgeagent.clock import Clock
+
+logger = logging.getLogger(__name__)
+
+Samples = NDArray[np.int16]
+
+
+class AudioDeviceError(Exception):
+    """The audio device is missing, vanished or unusable (hardware fault, not a bug)."""
+
+    def __init__(self, device: str, reason: str) -> None:
+        super().__init__(f"audio device {device!r}: {reason}")
+        self.device = device
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedFrame:
+    """One period read from the capture device."""
+
+    seq: int  # period index since the device opened; counts xrun gaps too
+    ts: float  # clock.monotonic() when the read returned
+    samples: Samples  # int16, shape (period_frames,) for mono, (n, channels) otherwise
+
+
+class _Pacer:
+    """Sleeps a thread to real time, one period per call (for unclocked PCMs)."""
+
+    def __init__(self, period_s: float, stop: threading.Event) -> None:
+        self._period_s = period_s
+        self._stop = stop
+        self._next: float | None = None
+
+    def wait(self) -> None:
+        now = time.monotonic()
+        if self._next is None:
+            self._next = now
+            return
+        self._next += self._period_s
+        delay = self._next - now
+        if delay > 0:
+            self._stop.wait(delay)
+        elif delay < -10 * self._period_s:
+            self._next = now  # fell far behind (suspend, debugger): do not burst
+
+
+def _is_xrun(exc: alsaaudio.ALSAAudioError) -> bool:
+    return "broken pipe" in str(exc).lower()
+
+
+def _open_pcm(
+    device: str, pcm_type: int, rate: int, channels: int, period_frames: int, periods: int
+) -> Any:
+    try:
+        return alsaaudio.PCM(
+            type=pcm_type,
+            mode=alsaaudio.PCM_NORMAL,
+            rate=rate,
+            channels=channels,
+            format=alsaaudio.PCM_FORMAT_S16_LE,
+            periodsize=period_frames,
+            periods=periods,
+            device=device,
+        )
+    except alsaaudio.ALSAAudioError as exc:
+        raise AudioDeviceError(device, f"cannot open: {exc}") from exc
+
+
+class AlsaCapture:
+    """Reads fixed periods from a capture PCM on a thread into a bounded queue.
+
+    `run()` opens the device and lasts until cancelled; it raises
+    `AudioDeviceError` if the device is missing or vanishes. `read()` returns
+    the next frame (oldest first); when the consumer lags, the oldest queued
+    frame is dropped and counted in `overruns`.
+    """
+
+    def __init__(
+        self,
+        device: str,
+        *,
+        clock: Clock,
+        rate: int = 48000,
+        channels: int = 1,
+        period_frames: int = 960,
+        periods: int = 4,
+        paced: bool = False,
+        queue_frames: int = 5,
+    ) -> None:
+        self.device = device
+        self._clock = clock
+        self._rate = rate
+        self._channels = channels
+        self._period_frames = period_frames
+        self._periods = periods
+        self._paced = paced
+        self._queue: asyncio.Queue[CapturedFrame | AudioDeviceError] = asyncio.Queue()
+        self._queue_frames = queue_frames
+        self._error: AudioDeviceError | None = None
+        self._opened = asyncio.Event()
+        self.first_period_at: float | None = None  # clock.monotonic() of the first read
+        self.overruns = 0  # frames dropped because the consumer lagged
+        self.xruns = 0  # ALSA capture overruns (-EPIPE)
+        self.frames_read = 0
+
+    @property
+    def period_s(self) -> float:
+        return self._period_frames / self._rate
+
+    async def wait_opened(self) -> None:
+        """Return once the device is open and the reader thread runs."""
+        await self._opened.wait()
+
+    def pending(self) -> int:
+        """Frames queued and not yet read."""
+        return self._queue.qsize()
+
+    async def read(self) -> CapturedFrame:
+        """The next captured frame; raises AudioDeviceError once the device failed."""
+        item = await self._queue.get()
+        if isinstance(item, AudioDeviceError):
+            self._queue.put_nowait(item)  # every later reader sees it too
+            raise item
+        return item
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        failed: asyncio.Future[AudioDeviceError] = loop.create_future()
+        pcm = await asyncio.to_thread(
+            _open_pcm,
+            self.device,
+            alsaaudio.PCM_CAPTURE,
+            self._rate,
+            self._channels,
+            self._period_frames,
+            self._periods,
+        )
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._read_loop,
+            args=(pcm, loop, stop, failed),
+            name=f"alsa-capture-{self.device}",
+            daemon=True,
+        )
+        thread.start()
+        logger.info("capture %s: opened (paced=%s)", self.device, self._paced)
+        self._opened.set()
+        try:
+            exc = await failed
+            raise exc
+        finally:
+            stop.set()
+            await asyncio.to_thread(thread.join)
+            self._opened.clear()
+
+    def _deliver(self, frame: CapturedFrame) -> None:
+        while self._queue.qsize() >= self._queue_frames:
+            self._queue.get_nowait()
+            self.overruns += 1
+        self._queue.put_nowait(frame)
+
+    def _fail(self, exc: AudioDeviceError, failed: asyncio.Future[AudioDeviceError]) -> None:
+        logger.error("capture %s: %s", self.device, exc.reason)
+        self._error = exc
+        self._queue.put_nowait(exc)
+        if not failed.done():
+            failed.set_result(exc)
+
+    def _read_loop(
+        self,
+        pcm: Any,
+        loop: asyncio.AbstractEventLoop,
+        stop: threading.Event,
+        failed: asyncio.Future[AudioDeviceError],
+    ) -> None:
+        bytes_per_period = self._period_frames * self._channels * 2
+        pending = bytearray()
+        pacer = _Pacer(self.period_s, stop) if self._paced else None
+        seq = 0
+        try:
+            while not stop.is_set():
+                if pacer is not None:
+                    pacer.wait()
+                    if stop.is_set():
+                        break
+                try:
+                    n, data = pcm.read()
+                except alsaaudio.ALSAAudioError as exc:
+                    if not _is_xrun(exc):
+                        raise
+                    n, data = -errno.EPIPE, b""
+                if n < 0:
+                    self.xruns += 1
+                    seq += 1
+                    logger.debug("capture %s: xrun (%d)", self.device, n)
+                    continue
+                pending += data
+                while len(pending) >= bytes_per_period:
+                    chunk = bytes(pending[:bytes_per_period])
+                    del pending[:bytes_per_period]
+                    samples = np.frombuffer(chunk, dtype="<i2").astype(np.int16)
+                    if self._channels > 1:
+                        samples = samples.reshape(-1, self._channels)
+                    now = self._clock.monotonic()
+                    if self.first_period_at is None:
+                        self.first_period_at = now
+                    frame = CapturedFrame(seq=seq, ts=now, samples=samples)
+                    seq += 1
+                    self.frames_read += 1
+                    loop.call_soon_threadsafe(self._deliver, frame)
+        except alsaaudio.ALSAAudioError as exc:
+            err = AudioDeviceError(self.device, f"read failed: {exc}")
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(self._fail, err, failed)
+        except RuntimeError:
+            pass  # the loop closed under us while delivering: nothing left to tell
+        finally:
+            with contextlib.suppress(alsaaudio.ALSAAudioError):
+                pcm.close()
+
+
+class AlsaPlayback:
+    """Writes one period at a time to a playback PCM from a thread.
+
+    Each period the thread calls `source()` (on the playback thread; it must be
+    thread-safe, e.g. `RemoteAudioSink.pull`) and writes what it returns. With a
+    clocked device the blocking write paces the loop; with `paced=True` the
+    thread sleeps to real time. ALSA underruns (-EPIPE) are counted in
+    `underruns`. `run()` raises `AudioDeviceError` if the device is missing or
+    vanishes.
+    """
+
+    def __init__(
+        self,
+        device: str,
+        source: Callable[[], Samples],
+        *,
+        clock: Clock,
+        rate: int = 48000,
+        channels: int = 1,
+        period_frames: int = 960,
+        periods: int = 2,
+        paced: bool = False,
+    ) -> None:
+        self.device = device
+        self._source = source
+        self._clock = clock
+        self._rate = rate
+        self._channels = channels
+        self._period_frames = period_frames
+        self._periods = periods
+        self._paced = paced
+        self._opened = asyncio.Event()
+        self.first_period_at: float | None = None  # clock.monotonic() of the first write
+        self.underruns = 0
+        self.frames_written = 0
+
+    async def wait_opened(self) -> None:
+        """Return once the device is open and the writer thread runs."""
+        await self._opened.wait()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        failed: asyncio.Future[AudioDeviceError] = loop.create_future()
+        pcm = await asyncio.to_thread(
+            _open_pcm,
+            self.device,
+            alsaaudio.PCM_PLAYBACK,
+            self._rate,
+            self._channels,
+            self._period_frames,
+            self._periods,
+        )
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._write_loop,
+            args=(pcm, loop, stop, failed),
+            name=f"alsa-playback-{self.device}",
+            daemon=True,
+        )
+        thread.start()
+        logger.info("playback %s: opened (paced=%s)", self.device, self._paced)
+        self._opened.set()
+        try:
+            exc = await failed
+            raise exc
+        finally:
+            stop.set()
+            await asyncio.to_thread(thread.join)
+            self._opened.clear()
+
+    def _fail(self, exc: AudioDeviceError, failed: asyncio.Future[AudioDeviceError]) -> None:
+        logger.error("playback %s: %s", self.device, exc.reason)
+        if not failed.done():
+            failed.set_result(exc)
+
+    def _write_loop(
+        self,
+        pcm: Any,
+        loop: asyncio.AbstractEventLoop,
+        stop: threading.Event,
+        failed: asyncio.Future[AudioDeviceError],
+    ) -> None:
+        pacer = _Pacer(self._period_frames / self._rate, stop) if self._paced else None
+        try:
+            while not stop.is_set():
+                if pacer is not None:
+                    pacer.wait()
+                    if stop.is_set():
+                        break
+                frame = np.ascontiguousarray(self._source(), dtype="<i2")
+                if self.first_period_at is None:
+                    self.first_period_at = self._clock.monotonic()
+                try:
+                    n = pcm.write(frame.tobytes())
+                except alsaaudio.ALSAAudioError as exc:
+                    if not _is_xrun(exc):
+                        raise
+                    n = -errno.EPIPE
+                if n < 0:
+                    self.underruns += 1
+                    logger.debug("playback %s: xrun (%d)", self.device, n)
+                else:
+                    self.frames_written += 1
+        except alsaaudio.ALSAAudioError as exc:
+            err = AudioDeviceError(self.device, f"write failed: {exc}")
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._fail, err, failed)
+        finally:
+            with contextlib.suppress(alsaaudio.ALSAAudioError):
+                pcm.close()

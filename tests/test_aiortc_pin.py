@@ -1,0 +1,187 @@
+"""Fails loudly when aiortc/aioice/PyAV change the internals our media path relies on.
+
+If one of these fails after an upgrade, read edgeagent/call/tracks.py (jitter
+buffer bypass), edgeagent/call/opus.py (sender encoder) and
+edgeagent/call/ice.py (gather_candidates override) before touching the pin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+
+import aioice
+import aioice.ice
+import aiortc
+import aiortc.rtcrtpreceiver
+import aiortc.rtcrtpsender
+import pytest
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.jitterbuffer import JitterFrame
+from aiortc.rtcicetransport import RTCIceGatherer
+
+from edgeagent.call.ice import ice_configuration, resolve_host_addresses, restrict_host_addresses
+from edgeagent.call.opus import (
+    SENDER_ENCODER_ATTR,
+    MonoOpusEncoder,
+    OpusSettings,
+    munge_sdp,
+)
+from edgeagent.call.tracks import RECEIVER_JITTER_ATTR, ArrivalOrderBuffer
+
+DRIFT = "aiortc/aioice internals changed: re-check edgeagent/call/{tracks,opus,ice}.py"
+
+
+def test_versions_are_the_pinned_ones() -> None:
+    assert aiortc.__version__ == "1.16.0", f"aiortc is {aiortc.__version__}, pinned 1.16.0. {DRIFT}"
+    assert aioice.__version__ == "0.13.0", f"aioice is {aioice.__version__}, pinned 0.13.0. {DRIFT}"
+
+
+def test_receiver_still_feeds_packets_through_a_replaceable_jitter_buffer() -> None:
+    src = inspect.getsource(aiortc.rtcrtpreceiver.RTCRtpReceiver)
+    assert "self.__jitter_buffer = JitterBuffer(capacity=16, prefetch=4)" in src, DRIFT
+    assert "self.__jitter_buffer.add(packet)" in src, DRIFT
+    assert "self.__decoder_queue.put((codec, encoded_frame))" in src, DRIFT
+    assert list(inspect.signature(JitterFrame).parameters) == ["data", "timestamp"], DRIFT
+    assert "__jitter_buffer" in RECEIVER_JITTER_ATTR
+
+
+def test_arrival_order_buffer_passes_in_order_and_drops_late() -> None:
+    class P:
+        def __init__(self, seq: int) -> None:
+            self.sequence_number = seq
+            self.timestamp = seq * 960
+            self._data = bytes([seq % 256])
+
+    buf = ArrivalOrderBuffer()
+    out = [buf.add(P(s))[1] for s in (65534, 65535, 1, 0, 1, 2)]  # wrap, loss, reorder, dup
+    passed = [f.timestamp // 960 for f in out if f is not None]
+    assert passed == [65534, 65535, 1, 2]
+    assert buf.late == 2
+
+
+def test_sender_creates_an_encoder_only_when_none_is_set() -> None:
+    src = inspect.getsource(aiortc.rtcrtpsender.RTCRtpSender)
+    assert "if self.__encoder is None:\n            self.__encoder = get_encoder(codec)" in src, (
+        DRIFT
+    )
+    assert "__encoder" in SENDER_ENCODER_ATTR
+
+
+def test_our_opus_encoder_accepts_every_option_and_sends_mono_32k() -> None:
+    import av
+    import numpy as np
+
+    enc = MonoOpusEncoder(OpusSettings())
+    assert enc.unused_options == {}, f"FFmpeg ignored {enc.unused_options}: FEC/loss hint lost"
+    sizes, stamps = [], []
+    for i in range(50):
+        frame = av.AudioFrame.from_ndarray(
+            (np.sin(np.arange(960) * 0.05 + i) * 8000).astype(np.int16)[None, :],
+            format="s16",
+            layout="mono",
+        )
+        frame.sample_rate, frame.pts = 48000, i * 960
+        payloads, ts = enc.encode(frame)
+        sizes += [len(p) for p in payloads]
+        stamps.append(ts)
+    assert 40 < sum(sizes) / len(sizes) < 130  # ~80 bytes at 32 kbit/s
+    assert stamps[:3] == [0, 960, 1920]
+
+
+def test_empty_ice_servers_adds_no_public_stun_but_none_does() -> None:
+    assert RTCIceGatherer(iceServers=[])._connection.stun_server is None
+    assert RTCIceGatherer(iceServers=None)._connection.stun_server is not None
+    assert ice_configuration().iceServers == []
+    config = ice_configuration(
+        ["stun:127.0.0.1:3478", "stun:127.0.0.1:3479"],
+        ["turn:127.0.0.1:3478?transport=udp"],
+        "u",
+        "p",
+        relay_only=True,
+    )
+    assert [s.urls for s in config.iceServers] == [
+        "stun:127.0.0.1:3478",
+        "turn:127.0.0.1:3478?transport=udp",
+    ]
+
+
+def test_aioice_gathering_internals_we_override_are_present() -> None:
+    conn = aioice.ice.Connection(ice_controlling=True)
+    for attr in (
+        "_local_candidates_start",
+        "_local_candidates_end",
+        "_local_candidates",
+        "_transport_policy",
+        "_use_ipv4",
+        "_use_ipv6",
+        "_components",
+    ):
+        assert hasattr(conn, attr), f"aioice Connection lost {attr}. {DRIFT}"
+    params = inspect.signature(conn.get_component_candidates).parameters
+    assert list(params) == ["component", "addresses", "timeout"], DRIFT
+    assert "get_host_addresses(" in inspect.getsource(aioice.ice.Connection.gather_candidates)
+
+
+def test_resolve_host_addresses_takes_ips_and_interface_names() -> None:
+    assert resolve_host_addresses(["127.0.0.1"]) == ["127.0.0.1"]
+    assert "127.0.0.1" in resolve_host_addresses(["lo"])
+    assert resolve_host_addresses(["no-such-if0"]) == []
+
+
+async def test_restricted_gathering_offers_only_loopback_and_a_dead_stun_cannot_stall() -> None:
+    # A STUN "server" that never answers (bound, never read): aioice would wait 5 s.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dead:
+        dead.bind(("127.0.0.1", 0))
+        port = dead.getsockname()[1]
+        pc = RTCPeerConnection(ice_configuration([f"stun:127.0.0.1:{port}"]))
+        try:
+            pc.addTransceiver("audio")
+            assert restrict_host_addresses(pc, ["127.0.0.1"], gather_timeout_s=0.3) == 1
+            offer = await pc.createOffer()
+            await asyncio.wait_for(pc.setLocalDescription(offer), 2.5)
+            candidates = [
+                line for line in pc.localDescription.sdp.splitlines() if "a=candidate" in line
+            ]
+            assert candidates and all(" 127.0.0.1 " in c for c in candidates), candidates
+        finally:
+            await pc.close()
+
+
+def test_munge_sdp_sets_mono_fec_and_bitrate_on_opus_only() -> None:
+    sdp = (
+        "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111 0\r\n"
+        "a=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;stereo=1\r\n"
+        "a=rtpmap:0 PCMU/8000\r\n"
+    )
+    out = munge_sdp(sdp, OpusSettings(bitrate_bps=24000))
+    fmtp = [line for line in out.splitlines() if line.startswith("a=fmtp")]
+    assert fmtp == [
+        "a=fmtp:111 minptime=10;stereo=0;useinbandfec=1;sprop-stereo=0;maxaveragebitrate=24000"
+    ]
+    bare = munge_sdp("m=audio 9 RTP/AVP 96\r\na=rtpmap:96 opus/48000/2\r\n", OpusSettings())
+    assert "a=fmtp:96 minptime=10;useinbandfec=1;stereo=0" in bare
+
+
+async def test_aiortc_keeps_our_munged_fmtp_in_the_local_description() -> None:
+    pc = RTCPeerConnection(ice_configuration())
+    try:
+        pc.addTransceiver("audio")
+        restrict_host_addresses(pc, ["127.0.0.1"])
+        offer = await pc.createOffer()
+        await pc.setLocalDescription(
+            RTCSessionDescription(munge_sdp(offer.sdp, OpusSettings()), "offer")
+        )
+        assert "useinbandfec=1" in pc.localDescription.sdp, DRIFT
+    finally:
+        await pc.close()
+
+
+def test_pyav_cannot_run_opus_plc_so_we_conceal_ourselves() -> None:
+    import av
+
+    dec = av.CodecContext.create("libopus", "r")
+    assert dec.decode(av.Packet(b"")) == []
+    with pytest.raises(EOFError):  # an empty packet is end-of-stream, not "lost frame"
+        dec.decode(av.Packet(b"\xf8\xff\xfe"))
