@@ -13,12 +13,15 @@ from importlib import metadata
 from typing import Any
 
 from edgeagent import __version__
+from edgeagent.call.manager import Call, CallManager
 from edgeagent.clock import Clock, SystemClock
 from edgeagent.config import Config, config_hash
 from edgeagent.events import BrokerConnected, BrokerDisconnected, EventBus, HealthChanged, Noted
 from edgeagent.health.state import HealthState
 from edgeagent.health.watchdog import Watchdog
 from edgeagent.hw import systemd
+from edgeagent.hw.alsa import AudioDeviceError, probe_devices
+from edgeagent.hw.button import CallButton
 from edgeagent.hw.leds import HealthLeds, RgbLedPins, ThreeLedPins
 from edgeagent.hw.system import SystemReader, boot_id
 from edgeagent.mqtt import BrokerLink, SessionCounter
@@ -75,6 +78,7 @@ class Agent:
         self.calls = CallCounters()
         self.stop_reason: str | None = None
         self._stopping = asyncio.Event()
+        self._bg: set[asyncio.Task[None]] = set()
         state_dir = cfg.storage.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self.boot_id = boot_id(cfg.health.sysfs_root)
@@ -114,13 +118,26 @@ class Agent:
             window=cfg.mqtt.max_inflight,
         )
         self.crumb_handler = CrumbLogHandler(self.crumbs, self.publisher.stream_crumb)
-        self.leds = build_leds(cfg, self.seams.pin_factory) if cfg.leds.enabled else None
+        self.leds_factory = pin_factory_for(cfg, self.seams.pin_factory)
+        self.leds = build_leds(cfg, self.leds_factory) if cfg.leds.enabled else None
         self.watchdog = Watchdog(
             self.seams.notify,
             systemd.watchdog_interval_s(),
             self.clock,
             max_lag_s=cfg.health.watchdog_max_lag_s,
         )
+        self.calls_mgr = CallManager(
+            cfg,
+            self.link,
+            self.topics,
+            self.publisher,
+            clock=self.clock,
+            on_health=self._on_call_health,
+            on_finished=self._on_call_finished,
+            on_fault=self._on_audio_fault,
+        )
+        self._audio_fault = asyncio.Event()
+        self.button: CallButton | None = None
         self.bus.subscribe(Noted, self._on_noted)
         self.bus.subscribe(BrokerConnected, lambda _e: self._set_online(True))
         self.bus.subscribe(BrokerDisconnected, lambda _e: self._set_online(False))
@@ -188,6 +205,118 @@ class Agent:
             p.Health(**self._base(), state=view.state, reasons=list(view.reasons))  # type: ignore[arg-type]
         )
         self._set_status_line()
+
+    # --- calls and audio ------------------------------------------------------------------
+
+    def _on_call_health(self, state: str | None, reasons: tuple[str, ...]) -> None:
+        self.health.set_call(state, reasons)
+        self.calls.active = 1 if self.calls_mgr.active is not None and state else 0
+        self.publish_health()
+
+    def _on_call_finished(self, call: Call) -> None:
+        self.calls.total += 1
+        if call.result == "failed":
+            self.calls.failed += 1
+        self.calls.active = 0
+
+    def _on_audio_fault(self, reason: str | None) -> None:
+        if reason is None:
+            return
+        if not self._audio_fault.is_set():
+            self.publisher.event("error", "audio.device", reason)
+        self.health.set_fault("audio_device", reason)
+        self._audio_fault.set()
+        self.publish_health()
+
+    async def _audio_watch(self) -> None:
+        """Probe the audio devices at start and after a fault, with backoff, until they work."""
+        audio = self.cfg.audio
+        delay = audio.reopen_min_s
+        first = True
+        while True:
+            if not first:
+                await self._audio_fault.wait()
+                await self.clock.sleep(delay)
+            if self.calls_mgr.active is None:
+                try:
+                    await asyncio.to_thread(
+                        probe_devices, audio.capture_device, audio.playback_device
+                    )
+                except AudioDeviceError as exc:
+                    self._on_audio_fault(f"audio device unavailable: {exc}")
+                    delay = min(audio.reopen_max_s, delay * 2) if not first else delay
+                else:
+                    if self._audio_fault.is_set():
+                        self.publisher.event("info", "audio.device", "audio device available again")
+                    self._audio_fault.clear()
+                    self.health.set_fault("audio_device", None)
+                    self.publish_health()
+                    delay = audio.reopen_min_s
+            first = False
+
+    def _on_button_press(self) -> None:
+        if self.cfg.button.press_action == "none":
+            return
+        mgr = self.calls_mgr
+        if mgr.answer_ringing():
+            return
+        if mgr.active is not None:
+            if self.cfg.button.press_action == "dial_or_hangup":
+                self._spawn(mgr.hangup("button"))
+            return
+        self._spawn(self._dial_quietly())
+
+    async def _dial_quietly(self) -> None:
+        try:
+            await self.calls_mgr.dial()
+        except (ValueError, RuntimeError) as exc:
+            self.publisher.event("warning", "call.outgoing", f"button: cannot dial: {exc}")
+
+    def _on_button_long_press(self) -> None:
+        self.publisher.event(
+            "info",
+            "feedback",
+            "in-call feedback snapshot (button)",
+            data=self.snapshot(),
+            call_id=self.calls_mgr.active.call_id if self.calls_mgr.active else None,
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """The reference chapter's captureCallState: network, audio, call, thermal, memory, logs."""
+        call = self.calls_mgr.active
+        session = call.session if call else None
+        sample = session.record.samples[-1] if session and session.record.samples else None
+        system = self.system.sample().to_metrics_fields()
+        return {
+            "health": self.health.current().state,
+            "broker": "up" if self.link.connected.is_set() else "down",
+            "audio": {
+                "capture_device": self.cfg.audio.capture_device,
+                "playback_device": self.cfg.audio.playback_device,
+                "aec": self.cfg.audio.aec.enabled,
+                "levels": sample.audio if sample else None,
+            },
+            "call": None
+            if call is None
+            else {
+                "call_id": call.call_id,
+                "peer": call.peer,
+                "state": call.state,
+                "direction": call.direction,
+                "trace_id": call.trace_id,
+                "mos": sample.mos if sample else None,
+                "loss_pct": sample.window.loss_pct if sample else None,
+                "rtt_ms": sample.window.rtt_ms if sample else None,
+                "jitter_ms": sample.window.jitter_ms if sample else None,
+            },
+            "system": system,
+            "logs": self.log_ring.lines(100),
+        }
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
 
     def _on_noted(self, e: Noted) -> None:
         self.publisher.event(
@@ -263,6 +392,15 @@ class Agent:
             self.publisher.event(
                 "info", "agent", f"edgeagent {__version__} started", data={"boot_id": self.boot_id}
             )
+            if self.cfg.button.enabled:
+                self.button = CallButton(
+                    self.cfg.button.pin,
+                    pin_factory=self.leds_factory,
+                    long_press_s=self.cfg.button.long_press_s,
+                    on_press=self._on_button_press,
+                    on_long_press=self._on_button_long_press,
+                    loop=loop,
+                )
             self.seams.notify("READY=1")
             logger.info("agent: %s ready (device %s)", __version__, self.cfg.device.id)
             async with asyncio.TaskGroup() as tg:
@@ -270,6 +408,8 @@ class Agent:
                 tg.create_task(self.publisher.run(), name="publisher")
                 tg.create_task(self._heartbeat(), name="heartbeat")
                 tg.create_task(self.watchdog.run(), name="watchdog")
+                tg.create_task(self.calls_mgr.run(), name="calls")
+                tg.create_task(self._audio_watch(), name="audio-watch")
                 tg.create_task(self._stop_when_asked(), name="stop")
         except* _Stopped:
             pass
@@ -281,21 +421,25 @@ class Agent:
             root.removeHandler(self.crumb_handler)
             if self.leds is not None:
                 self.leds.close()
+            if self.button is not None:
+                self.button.close()
             self.spool.close()
         return 0
 
 
-def build_leds(cfg: Config, pin_factory: Any) -> HealthLeds:
-    """LEDs from config; `leds.mock` drives gpiozero's MockFactory (bench)."""
-    leds = cfg.leds
-    if len(leds.pins) != 3:
-        logger.warning("leds: need exactly three pins, got %s; LEDs disabled", leds.pins)
-        pin_factory = None
-    if pin_factory is None and leds.mock:
+def pin_factory_for(cfg: Config, given: Any) -> Any:
+    """The gpiozero pin factory: the one given (tests), MockFactory on the bench, else default."""
+    if given is None and cfg.leds.mock:
         from gpiozero.pins.mock import MockFactory
 
-        pin_factory = MockFactory()
-    a, b, c = [*leds.pins, 0, 0, 0][:3]
+        return MockFactory()
+    return given
+
+
+def build_leds(cfg: Config, pin_factory: Any) -> HealthLeds:
+    """LEDs from config on `pin_factory` (None: gpiozero's default)."""
+    leds = cfg.leds
+    a, b, c = leds.pins
     pins: ThreeLedPins | RgbLedPins = (
         RgbLedPins(a, b, c, active_high=leds.active_high)
         if leds.layout == "rgb"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file; exit 78 if bad")
     check.add_argument("path", type=Path)
     sub.add_parser("version", help="print the version")
+    echo = sub.add_parser("echo-peer", help="answer calls and send back what is heard")
+    echo.add_argument("--config", "-c", type=Path, required=True)
     return parser
 
 
@@ -85,6 +88,23 @@ def cmd_run(path: Path, log_level: str | None) -> int:
         return EXIT_FAILURE
 
 
+def cmd_echo_peer(path: Path) -> int:
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"{path}: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(cfg)
+    from edgeagent.call.echo_peer import EchoPeer
+
+    peer = EchoPeer(cfg)
+    logger.info("echo peer %s: answering on %s", cfg.device.id, peer.topics.signal)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(peer.run())
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "version":
@@ -94,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_check_config(args.path)
     if args.command == "run":
         return cmd_run(args.config, args.log_level)
+    if args.command == "echo-peer":
+        return cmd_echo_peer(args.config)
     return EXIT_FAILURE
 
 

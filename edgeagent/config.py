@@ -148,7 +148,7 @@ class CallConfig(_Section):
 class LedsConfig(_Section):
     enabled: bool = True
     layout: Literal["three", "rgb"] = "three"
-    pins: list[int] = [17, 27, 22]
+    pins: list[int] = Field([17, 27, 22], min_length=3, max_length=3)
     """BCM pins: green, amber, red (three) or red, green, blue (rgb)."""
     active_high: bool = True
     mock: bool = False

@@ -118,7 +118,7 @@ class Collector:
     async def wait_for(
         self,
         predicate: Callable[[list[Received]], Any],
-        timeout: float = 10.0,  # noqa: ASYNC109
+        timeout: float = 10.0,
     ) -> Any:
         """Wait until predicate(messages) is truthy and return its value."""
         try:
@@ -127,7 +127,7 @@ class Collector:
             seen = [(m.topic, m.payload[:200]) for m in self.messages[-20:]]
             raise TimeoutError(f"waited {timeout} s; last messages: {seen}") from None
 
-    async def _wait_for(self, predicate: Callable[[list[Received]], Any], timeout: float) -> Any:  # noqa: ASYNC109
+    async def _wait_for(self, predicate: Callable[[list[Received]], Any], timeout: float) -> Any:
         async with asyncio.timeout(timeout):
             async with self._changed:
                 while True:

@@ -354,3 +354,14 @@ class AlsaPlayback:
         finally:
             with contextlib.suppress(alsaaudio.ALSAAudioError):
                 pcm.close()
+
+
+def probe_devices(capture: str, playback: str) -> None:
+    """Open and close both PCMs once; raises AudioDeviceError naming the one that fails.
+
+    Blocking: call it on a thread. Used between calls to notice a card that is
+    missing at start, and to see it come back after a fault.
+    """
+    for device, pcm_type in ((capture, alsaaudio.PCM_CAPTURE), (playback, alsaaudio.PCM_PLAYBACK)):
+        pcm = _open_pcm(device, pcm_type, 48000, 1, 960, 2)
+        pcm.close()

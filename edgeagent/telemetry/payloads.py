@@ -122,6 +122,9 @@ class AudioQuality(msgspec.Struct, kw_only=True, omit_defaults=True):
     echo_delay_ms: float | None = None
     erle_db: float | None = None
     concealed_frames: int | None = None
+    tx_speech_level_dbfs: float | None = None
+    rx_clipping_pct: float | None = None
+    issues: list[str] | None = None
 
 
 class Quality(_Payload):

@@ -1,0 +1,165 @@
+"""The echo peer: an endpoint that answers every call and sends back what it hears.
+
+Used by operators (`edgeagent echo-peer`), tests, benches and the `call_test`
+command. It speaks the same signaling as a device and uses the same receive
+path and Opus settings, so what comes back went through a real call both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import Any
+
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+
+from edgeagent.call import signaling as sig
+from edgeagent.call.ice import ice_configuration, restrict_host_addresses
+from edgeagent.call.opus import OpusSettings, install_opus_encoder, munge_sdp
+from edgeagent.call.tracks import install_receive_path
+from edgeagent.config import Config
+from edgeagent.events import EventBus
+from edgeagent.mqtt import BrokerLink, BrokerUnavailable, Inbound, SessionCounter
+from edgeagent.telemetry import payloads as p
+from edgeagent.telemetry.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+MAX_CALLS = 8
+
+
+class EchoPeer:
+    """Answers offers on its own signal topic and loops the caller's audio back."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.topics = Topics(cfg.mqtt.prefix, cfg.device.id)
+        cfg.storage.state_dir.mkdir(parents=True, exist_ok=True)
+        self.link = BrokerLink(
+            cfg.mqtt,
+            cfg.device.id,
+            sessions=SessionCounter(cfg.storage.state_dir / "echo-session"),
+            will=lambda s: (self.topics.status, self._status("lost", s)),
+            on_connected=self._on_connected,
+            bus=EventBus(),
+            rng=random.Random(),  # noqa: S311 - backoff jitter
+        )
+        self.link.subscribe(self.topics.signal, self._on_signal)
+        self.calls: dict[str, RTCPeerConnection] = {}
+        self.answered = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _status(self, state: str, session: int) -> bytes:
+        return p.encode(
+            p.Status(
+                v=1,
+                device=self.cfg.device.id,
+                ts=round(time.time(), 3),
+                state=state,  # type: ignore[arg-type]
+                session=session,
+                boot_id="echo-peer",
+                version="echo-peer",
+            )
+        )
+
+    async def _on_connected(self, session: int) -> None:
+        await self.link.publish(
+            self.topics.status, self._status("online", session), qos=1, retain=True
+        )
+
+    async def run(self) -> None:
+        try:
+            await self.link.run()
+        finally:
+            for pc in list(self.calls.values()):
+                await pc.close()
+
+    def _on_signal(self, inbound: Inbound) -> None:
+        try:
+            msg = sig.decode_signal(inbound.payload, me=self.cfg.device.id)
+        except sig.SignalError as exc:
+            logger.warning("echo peer: %s", exc)
+            if exc.sender and exc.call_id:
+                self._send("reject", exc.sender, exc.call_id, reason="error")
+            return
+        if msg.type == "offer":
+            if msg.call_id in self.calls:
+                return
+            if len(self.calls) >= MAX_CALLS:
+                self._send("reject", msg.from_, msg.call_id, reason="busy")
+                return
+            self._spawn(self._answer(msg))
+        elif msg.type == "hangup":
+            pc = self.calls.pop(msg.call_id, None)
+            if pc is not None:
+                self._spawn(pc.close())
+
+    async def _answer(self, offer: p.Signal) -> None:
+        ice = self.cfg.ice
+        pc = RTCPeerConnection(
+            ice_configuration(
+                stun_urls=ice.stun_urls,
+                turn_urls=ice.turn_urls,
+                username=ice.turn_username,
+                credential=ice.turn_password.get_secret_value() if ice.turn_password else None,
+                relay_only=ice.relay_only,
+            )
+        )
+        self.calls[offer.call_id] = pc
+        opus = OpusSettings(bitrate_bps=self.cfg.call.opus_bitrate_kbps * 1000)
+        tracks: list[MediaStreamTrack] = []
+        pc.on("track", tracks.append)
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed") and self.calls.get(offer.call_id) is pc:
+                del self.calls[offer.call_id]
+                await pc.close()
+
+        try:
+            assert offer.sdp is not None
+            await pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
+            for track in tracks:
+                if track.kind == "audio":
+                    pc.addTrack(track)  # the echo: the caller's own audio goes back
+            install_receive_path(pc)
+            install_opus_encoder(pc, opus)
+            answer = await pc.createAnswer()
+            restrict_host_addresses(
+                pc, ice.host_addresses or None, gather_timeout_s=ice.gather_timeout_s
+            )
+            await pc.setLocalDescription(
+                RTCSessionDescription(munge_sdp(answer.sdp, opus), "answer")
+            )
+        except Exception as exc:  # noqa: BLE001 - the per-call boundary: a bad offer ends this call only
+            logger.warning("echo peer: call %s failed: %s", offer.call_id, exc)
+            self.calls.pop(offer.call_id, None)
+            await pc.close()
+            self._send("reject", offer.from_, offer.call_id, reason="error")
+            return
+        self.answered += 1
+        self._send("answer", offer.from_, offer.call_id, sdp=pc.localDescription.sdp)
+
+    def _send(self, kind: str, to: str, call_id: str, **fields: Any) -> None:
+        out = sig.build(
+            kind,
+            prefix=self.topics.prefix,
+            me=self.cfg.device.id,
+            to=to,
+            call_id=call_id,
+            ts=round(time.time(), 3),
+            **fields,
+        )
+        self._spawn(self._publish(out))
+
+    async def _publish(self, out: sig.Outbound) -> None:
+        with contextlib.suppress(BrokerUnavailable):
+            await self.link.publish(out.topic, out.payload, qos=1)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,579 @@
+"""Calls of this device: signaling on MQTT, the answer policy, one active call, records.
+
+Every inbound signaling message is decoded and checked; anything unusable is
+answered (reject with a reason) and reported, never dropped silently. Exactly
+one call may be active; other offers get `busy`, except the glare case where
+both ends offered to each other at once (the lower call_id wins on both ends).
+Each call ends with one spooled summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from statistics import fmean
+from typing import Any
+
+from edgeagent.audio.checks import AudioIssueChanged
+from edgeagent.call import signaling as sig
+from edgeagent.call.session import CallEnded, CallSession, QualitySample
+from edgeagent.clock import Clock
+from edgeagent.config import Config
+from edgeagent.mqtt import BrokerLink, BrokerUnavailable, Inbound
+from edgeagent.telemetry import payloads as p
+from edgeagent.telemetry.publisher import Publisher
+from edgeagent.telemetry.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+OfferCheck = Callable[[p.Signal], None]
+"""Raises sig.SignalError (reason `forbidden`) for an offer whose token is not acceptable."""
+
+
+@dataclass
+class Call:
+    """Bookkeeping of one call, from first signal to summary."""
+
+    call_id: str
+    direction: str  # incoming | outgoing
+    peer: str
+    traceparent: str | None
+    started_mono: float
+    started_wall: float
+    state: str = "new"  # new, ringing, offering, connecting, active, ended
+    session: CallSession | None = None
+    task: asyncio.Task[None] | None = None
+    answered: asyncio.Future[p.Signal] | None = None  # outgoing: the answer or reject
+    accept: asyncio.Future[bool] | None = None  # incoming while ringing
+    end_reason: str | None = None
+    result: str | None = None
+    setup_ms: float | None = None
+    connected_mono: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trace_id(self) -> str | None:
+        return sig.trace_id_of(self.traceparent)
+
+
+class CallManager:
+    """Owns signaling and the active call."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        link: BrokerLink,
+        topics: Topics,
+        publisher: Publisher,
+        *,
+        clock: Clock,
+        on_health: Callable[[str | None, tuple[str, ...]], None],
+        on_finished: Callable[[Call], None],
+        on_fault: Callable[[str | None], None],
+        check_offer: OfferCheck | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.link = link
+        self.topics = topics
+        self.publisher = publisher
+        self.clock = clock
+        self._on_health = on_health
+        self._on_finished = on_finished
+        self._on_fault = on_fault
+        self._check_offer = check_offer
+        self.active: Call | None = None
+        self.history: list[Call] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        link.subscribe(topics.signal, self._on_signal)
+
+    # --- public API (button, commands) ----------------------------------------------------
+
+    async def dial(self, peer: str | None = None) -> Call:
+        """Start an outgoing call; returns once the offer is sent (the call continues)."""
+        peer = peer or self.cfg.call.default_peer
+        if not peer or not sig.ENDPOINT_ID.match(peer):
+            raise ValueError(f"no valid peer to dial: {peer!r}")
+        if self.active is not None:
+            raise RuntimeError(f"busy: call {self.active.call_id} is active")
+        call = self._new_call(sig.new_call_id(), "outgoing", peer, sig.new_traceparent())
+        call.answered = asyncio.get_running_loop().create_future()
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        call.task = self._spawn(self._outgoing(call, ready))
+        await asyncio.shield(ready)
+        return call
+
+    async def hangup(self, reason: str = "local_hangup") -> Call | None:
+        """End the active call (or stop it ringing); returns it, or None if idle."""
+        call = self.active
+        if call is None:
+            return None
+        if call.accept is not None and not call.accept.done():
+            call.accept.set_result(False)
+            return call
+        await self._finish(call, reason, send_hangup=True)
+        return call
+
+    def answer_ringing(self) -> bool:
+        """Accept the ringing incoming call (the button); False if nothing rings."""
+        call = self.active
+        if call is not None and call.accept is not None and not call.accept.done():
+            call.accept.set_result(True)
+            return True
+        return False
+
+    async def run(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            if self.active is not None:
+                await self._finish(self.active, "agent_stopping", send_hangup=True)
+            for task in list(self._tasks):
+                task.cancel()
+
+    # --- inbound --------------------------------------------------------------------------
+
+    def _on_signal(self, inbound: Inbound) -> None:
+        try:
+            msg = sig.decode_signal(inbound.payload, me=self.cfg.device.id)
+        except sig.SignalError as exc:
+            self.publisher.event(
+                "warning",
+                "call.signaling",
+                f"rejected signaling message: {exc}",
+                data={"sender": exc.sender},
+                call_id=exc.call_id,
+            )
+            if exc.sender and exc.call_id:
+                self._send("reject", exc.sender, exc.call_id, reason="error")
+            return
+        handler = {
+            "offer": self._on_offer,
+            "answer": self._on_answer,
+            "reject": self._on_answer,
+            "hangup": self._on_hangup,
+        }[msg.type]
+        handler(msg)
+
+    def _on_offer(self, msg: p.Signal) -> None:
+        active = self.active
+        if active is not None and active.call_id == msg.call_id:
+            return  # a duplicate (QoS 1 redelivery)
+        if not sig.caller_allowed(msg.from_, self.cfg.call.allow):
+            self._refuse(msg, "forbidden", f"caller {msg.from_} is not allowed")
+            return
+        if self._check_offer is not None:
+            try:
+                self._check_offer(msg)
+            except sig.SignalError as exc:
+                self._refuse(msg, "forbidden", f"offer token refused: {exc}")
+                return
+        if active is not None:
+            if (
+                active.direction == "outgoing"
+                and active.state == "offering"
+                and active.peer == msg.from_
+                and sig.glare_winner(active.call_id, msg.call_id) == msg.call_id
+            ):
+                self.publisher.event(
+                    "info",
+                    "call.signaling",
+                    f"glare with {msg.from_}: taking their offer",
+                    call_id=active.call_id,
+                )
+                self._spawn(self._yield_to(active, msg))
+                return
+            self._refuse(msg, "busy", f"busy with call {active.call_id}")
+            return
+        self._start_incoming(msg)
+
+    def _start_incoming(self, msg: p.Signal) -> None:
+        call = self._new_call(msg.call_id, "incoming", msg.from_, msg.traceparent)
+        call.task = self._spawn(self._incoming(call, msg))
+
+    async def _yield_to(self, ours: Call, theirs: p.Signal) -> None:
+        await self._finish(ours, "glare", send_hangup=True)
+        if self.active is None:
+            self._start_incoming(theirs)
+
+    def _on_answer(self, msg: p.Signal) -> None:
+        call = self.active
+        if call is None or call.call_id != msg.call_id or call.answered is None:
+            logger.debug("signaling: %s for unknown call %s", msg.type, msg.call_id)
+            return
+        if call.peer != msg.from_:
+            self.publisher.event(
+                "warning",
+                "call.signaling",
+                f"{msg.type} for call {msg.call_id} from {msg.from_}, expected {call.peer}",
+                call_id=msg.call_id,
+            )
+            return
+        if not call.answered.done():
+            call.answered.set_result(msg)
+
+    def _on_hangup(self, msg: p.Signal) -> None:
+        call = self.active
+        if call is None or call.call_id != msg.call_id or call.peer != msg.from_:
+            return
+        if call.accept is not None and not call.accept.done():
+            call.extra["remote_cancel"] = True
+            call.accept.set_result(False)
+            return
+        self._spawn(self._finish(call, "remote_hangup", detail=msg.reason))
+
+    def _refuse(self, msg: p.Signal, reason: str, why: str) -> None:
+        self._send("reject", msg.from_, msg.call_id, reason=reason)
+        self.publisher.event(
+            "warning" if reason == "forbidden" else "info",
+            "call.incoming",
+            f"call {msg.call_id} from {msg.from_} rejected ({reason}): {why}",
+            data={"peer": msg.from_, "reason": reason},
+            call_id=msg.call_id,
+            trace_id=sig.trace_id_of(msg.traceparent),
+        )
+        # A refused call still gets its record, so failure rates see it.
+        call = Call(
+            msg.call_id,
+            "incoming",
+            msg.from_,
+            msg.traceparent,
+            self.clock.monotonic(),
+            self.clock.time(),
+        )
+        call.result, call.end_reason = "rejected", reason
+        self._summary(call)
+
+    # --- call flows -----------------------------------------------------------------------
+
+    async def _incoming(self, call: Call, offer: p.Signal) -> None:
+        self._event(call, "info", "call.incoming", f"incoming call from {call.peer}")
+        policy = self.cfg.call.answer
+        if policy == "reject":
+            self._send("reject", call.peer, call.call_id, reason="unavailable")
+            await self._finish(call, "policy_reject", result="rejected")
+            return
+        if policy == "ring":
+            call.state = "ringing"
+            call.accept = asyncio.get_running_loop().create_future()
+            self._on_health("ringing", (f"call from {call.peer}",))
+            self._event(call, "info", "call.ringing", "ringing")
+            try:
+                async with asyncio.timeout(self.cfg.call.ring_timeout_s):
+                    accepted = await call.accept
+            except TimeoutError:
+                accepted = False
+                call.extra["ring_timeout"] = True
+            if not accepted:
+                if call.extra.get("remote_cancel"):
+                    await self._finish(call, "remote_cancel", result="missed")
+                    return
+                self._send("reject", call.peer, call.call_id, reason="unavailable")
+                reason = "ring_timeout" if call.extra.get("ring_timeout") else "declined"
+                await self._finish(
+                    call, reason, result="missed" if reason == "ring_timeout" else "rejected"
+                )
+                return
+        self._event(call, "info", "call.answered", "answering")
+        call.state = "connecting"
+        self._on_health("connecting", ())
+        try:
+            session = await self._open_session(call)
+            assert offer.sdp is not None
+            answer_sdp = await session.answer(offer.sdp)
+            self._send("answer", call.peer, call.call_id, sdp=answer_sdp)
+            await self._connect_and_run(call, session)
+        except CallEnded as ended:
+            await self._finish(call, ended.reason, detail=ended.detail, send_hangup=True)
+        except Exception as exc:  # the per-call boundary: a bug ends this call, not the agent
+            logger.exception("call %s: failed", call.call_id)
+            await self._finish(
+                call, "error", detail=f"{type(exc).__name__}: {exc}", send_hangup=True
+            )
+
+    async def _outgoing(self, call: Call, ready: asyncio.Future[None]) -> None:
+        call.state = "offering"
+        self._on_health("connecting", (f"calling {call.peer}",))
+        self._event(call, "info", "call.outgoing", f"calling {call.peer}")
+        try:
+            try:
+                session = await self._open_session(call)
+                offer_sdp = await session.create_offer()
+                self._send(
+                    "offer", call.peer, call.call_id, sdp=offer_sdp, traceparent=call.traceparent
+                )
+            finally:
+                if not ready.done():
+                    ready.set_result(None)
+            assert call.answered is not None
+            try:
+                async with asyncio.timeout(self.cfg.call.answer_timeout_s):
+                    reply = await call.answered
+            except TimeoutError:
+                raise CallEnded("answer_timeout", f"no answer from {call.peer}") from None
+            if reply.type == "reject":
+                self._event(call, "info", "call.rejected", f"{call.peer} rejected: {reply.reason}")
+                await self._finish(call, f"rejected_{reply.reason or 'unknown'}", result="rejected")
+                return
+            assert reply.sdp is not None
+            call.state = "connecting"
+            await session.accept_answer(reply.sdp)
+            await self._connect_and_run(call, session)
+        except CallEnded as ended:
+            await self._finish(call, ended.reason, detail=ended.detail, send_hangup=True)
+        except Exception as exc:  # the per-call boundary
+            logger.exception("call %s: failed", call.call_id)
+            await self._finish(
+                call, "error", detail=f"{type(exc).__name__}: {exc}", send_hangup=True
+            )
+
+    async def _open_session(self, call: Call) -> CallSession:
+        session = CallSession(
+            self.cfg,
+            call.call_id,
+            clock=self.clock,
+            on_quality=lambda s: self._quality(call, s),
+            on_issue=lambda c: self._issue(call, c),
+            on_health=lambda st, why: self._on_health(st, why) if call.state == "active" else None,
+            on_media_stalled=lambda s: self._event(
+                call,
+                "warning",
+                "call.media",
+                f"media_stalled: no inbound audio for {s:.1f} s",
+                data={"silent_s": round(s, 1)},
+            ),
+        )
+        call.session = session
+        try:
+            await session.open_devices()
+        except CallEnded:
+            self._on_fault("audio capture device unavailable")
+            raise
+        return session
+
+    async def _connect_and_run(self, call: Call, session: CallSession) -> None:
+        await session.wait_connected(self.cfg.call.connect_timeout_s)
+        call.connected_mono = self.clock.monotonic()
+        call.setup_ms = round((call.connected_mono - call.started_mono) * 1000, 1)
+        call.state = "active"
+        self._on_health("good", ())
+        local, remote = session.ice_types()
+        self._event(
+            call,
+            "info",
+            "call.established",
+            f"connected in {call.setup_ms:.0f} ms",
+            data={"setup_ms": call.setup_ms, "ice_local": local, "ice_remote": remote},
+        )
+        media = asyncio.ensure_future(self._announce_media(call, session))
+        try:
+            await session.run()
+        finally:
+            media.cancel()
+
+    async def _announce_media(self, call: Call, session: CallSession) -> None:
+        while session.sink is None or session.sink.frames_received == 0:
+            await self.clock.sleep(0.02)
+        self._event(call, "info", "call.media_started", "first inbound audio")
+
+    # --- ending ---------------------------------------------------------------------------
+
+    async def _finish(
+        self,
+        call: Call,
+        reason: str,
+        *,
+        detail: str | None = None,
+        result: str | None = None,
+        send_hangup: bool = False,
+    ) -> None:
+        if call.state == "ended":
+            return
+        prior = call.state
+        call.state = "ended"
+        call.end_reason = reason
+        if result is None:
+            result = (
+                "completed"
+                if call.connected_mono is not None
+                and reason in ("local_hangup", "remote_hangup", "agent_stopping", "max_duration")
+                else "failed"
+            )
+        call.result = result
+        if send_hangup and prior not in ("new",) and result != "rejected":
+            # Sent before the transport closes, so the far end learns why first.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._publish(
+                        sig.build(
+                            "hangup",
+                            prefix=self.topics.prefix,
+                            me=self.cfg.device.id,
+                            to=call.peer,
+                            call_id=call.call_id,
+                            ts=self.publisher.ts(),
+                            reason=reason,
+                        ),
+                        None,
+                    )
+        if call.session is not None:
+            await call.session.close()
+        if reason == "audio_device":
+            self._on_fault("audio device failed during a call")
+        if self.active is call:
+            self.active = None
+        self._on_health(None, ())
+        level: p.Level = "info" if result == "completed" else "warning"
+        self._event(
+            call,
+            level,
+            "call.closed",
+            f"call ended: {result} ({reason}{': ' + detail if detail else ''})",
+            data={"result": result, "end_reason": reason, "detail": detail},
+        )
+        self._summary(call)
+        task = call.task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+
+    def _summary(self, call: Call) -> None:
+        self.history.append(call)
+        del self.history[:-50]
+        self._on_finished(call)
+        session = call.session
+        samples = session.record.samples if session else []
+        moses = [s.mos for s in samples if s.mos is not None]
+        loss = [s.window.loss_pct for s in samples if s.window.loss_pct is not None]
+        jit = [s.window.jitter_ms for s in samples if s.window.jitter_ms is not None]
+        rtt = [s.window.rtt_ms for s in samples if s.window.rtt_ms is not None]
+        local, remote = session.ice_types() if session else (None, None)
+        duration = self.clock.monotonic() - call.connected_mono if call.connected_mono else 0.0
+        playout = None
+        if session is not None:
+            st = session.playout.stats()
+            playout = {
+                "concealed_frames": st.concealed_frames,
+                "underruns": st.underruns,
+                "overruns": st.overruns,
+                "max_depth_ms": round(st.max_depth_ms, 1),
+                "late_frames": st.late_frames,
+            }
+        ts = self.publisher.ts()
+        self.publisher.spool(
+            self.topics.summary(call.call_id),
+            lambda seq: p.Summary(
+                v=1,
+                device=self.cfg.device.id,
+                ts=ts,
+                seq=seq,
+                call_id=call.call_id,
+                trace_id=call.trace_id,
+                direction=call.direction,  # type: ignore[arg-type]
+                peer=call.peer,
+                result=call.result,  # type: ignore[arg-type]
+                end_reason=call.end_reason or "unknown",
+                setup_ms=call.setup_ms,
+                duration_s=round(duration, 2),
+                codec="opus" if session else None,
+                mos_avg=round(fmean(moses), 2) if moses else None,
+                mos_min=round(min(moses), 2) if moses else None,
+                loss_pct=round(fmean(loss), 2) if loss else None,
+                jitter_ms_avg=round(fmean(jit), 1) if jit else None,
+                rtt_ms_avg=round(fmean(rtt), 1) if rtt else None,
+                audio_issues=dict(session.record.audio_issues) if session else {},
+                ice=p.IcePair(local_type=local, remote_type=remote),
+                started_ts=round(call.started_wall, 3),
+                playout=playout,
+            ),
+        )
+
+    # --- reporting ------------------------------------------------------------------------
+
+    def _quality(self, call: Call, s: QualitySample) -> None:
+        w = s.window
+        self.publisher.volatile(
+            self.topics.quality(call.call_id),
+            p.Quality(
+                v=1,
+                device=self.cfg.device.id,
+                ts=self.publisher.ts(),
+                call_id=call.call_id,
+                mos=_r(s.mos, 2),
+                r_factor=_r(s.r_factor, 1),
+                loss_pct=_r(w.loss_pct, 2),
+                jitter_ms=_r(w.jitter_ms, 1),
+                rtt_ms=_r(w.rtt_ms, 1),
+                codec="opus",
+                bitrate_kbps=_r(w.tx_bitrate_kbps, 1),
+                playout_delay_ms=round(s.playout_delay_ms, 1),
+                audio=p.AudioQuality(**s.audio),
+                direction=call.direction,
+                remote_loss_pct=_r(w.remote_loss_pct, 2),
+                remote_mos=_r(s.remote_mos, 2),
+            ),
+        )
+
+    def _issue(self, call: Call, change: AudioIssueChanged) -> None:
+        state = "detected" if change.active else "cleared"
+        self._event(
+            call,
+            "warning" if change.active else "info",
+            f"audio.{change.name}",
+            f"{change.stream}: {change.name} {state}",
+            data={"stream": change.stream, "active": change.active, "value": change.value},
+        )
+
+    def _event(
+        self,
+        call: Call,
+        level: p.Level,
+        category: str,
+        message: str,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        self.publisher.event(
+            level,
+            category,
+            f"call {call.call_id}: {message}",
+            data=data,
+            call_id=call.call_id,
+            trace_id=call.trace_id,
+        )
+
+    def _new_call(self, call_id: str, direction: str, peer: str, traceparent: str | None) -> Call:
+        call = Call(
+            call_id, direction, peer, traceparent, self.clock.monotonic(), self.clock.time()
+        )
+        self.active = call
+        return call
+
+    def _send(self, kind: str, to: str, call_id: str, **fields: Any) -> None:
+        out = sig.build(
+            kind,
+            prefix=self.topics.prefix,
+            me=self.cfg.device.id,
+            to=to,
+            call_id=call_id,
+            ts=self.publisher.ts(),
+            **fields,
+        )
+        self._spawn(self._publish(out, fields.get("traceparent")))
+
+    async def _publish(self, out: sig.Outbound, traceparent: str | None) -> None:
+        props = [("traceparent", traceparent)] if traceparent else None
+        try:
+            await self.link.publish(out.topic, out.payload, qos=1, user_properties=props)
+        except BrokerUnavailable as exc:
+            logger.warning("signaling: could not send to %s: %s", out.topic, exc)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+def _r(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)

@@ -1,0 +1,384 @@
+"""One call: an RTCPeerConnection, its audio devices and the per-frame checks, stats and liveness.
+
+The session owns everything that lives exactly as long as a call. It reports
+through callbacks (quality samples, notable events, health) and ends with a
+reason: the manager decides what that means for signaling and the summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+
+from edgeagent.audio.aec import EchoCanceller, EchoCancellerConfig
+from edgeagent.audio.checks import AudioIssueChanged, FrameAnalyzer, audio_object
+from edgeagent.audio.echo import EchoDetector
+from edgeagent.audio.frames import Samples
+from edgeagent.audio.playout import PlayoutBuffer, PlayoutSettings
+from edgeagent.call.ice import ice_configuration, restrict_host_addresses
+from edgeagent.call.opus import OpusSettings, install_opus_encoder, munge_sdp
+from edgeagent.call.tracks import MicrophoneTrack, RemoteAudioSink, install_receive_path
+from edgeagent.clock import Clock
+from edgeagent.config import Config
+from edgeagent.hw.alsa import AlsaCapture, AlsaPlayback, AudioDeviceError
+from edgeagent.quality import emodel
+from edgeagent.quality.stats import NetworkStats, WindowStats, normalise, window
+
+logger = logging.getLogger(__name__)
+
+REMOTE_CLOSE_GRACE_S = 2.0
+MOS_GOOD = 3.6
+MOS_DEGRADED = 3.1
+
+
+class CallEnded(Exception):
+    """The session ended by itself; `reason` is the summary's end_reason."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class QualitySample:
+    """One stats window, in the units of the protocol's quality message."""
+
+    mos: float | None
+    r_factor: float | None
+    window: WindowStats
+    playout_delay_ms: float
+    audio: dict[str, Any]
+    remote_mos: float | None = None
+
+
+@dataclass
+class SessionRecord:
+    """What the summary needs, accumulated over the call."""
+
+    samples: list[QualitySample] = field(default_factory=list)
+    audio_issues: dict[str, int] = field(default_factory=dict)
+    connected_at: float | None = None
+    first_media_at: float | None = None
+
+
+def health_for(mos: float | None, stalled: bool, issues: list[str]) -> tuple[str, tuple[str, ...]]:
+    """good / degraded / bad from the latest MOS and what the checks say."""
+    reasons: list[str] = []
+    if stalled:
+        reasons.append("no inbound media")
+    reasons += issues
+    if mos is not None and mos < MOS_DEGRADED:
+        return "bad", (f"MOS {mos:.2f}", *reasons)
+    if (mos is not None and mos < MOS_GOOD) or reasons:
+        return "degraded", (*((f"MOS {mos:.2f}",) if mos and mos < MOS_GOOD else ()), *reasons)
+    return "good", ()
+
+
+class CallSession:
+    """Media and measurements of one call."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        call_id: str,
+        *,
+        clock: Clock,
+        on_quality: Callable[[QualitySample], None],
+        on_issue: Callable[[AudioIssueChanged], None],
+        on_health: Callable[[str, tuple[str, ...]], None],
+        on_media_stalled: Callable[[float], None],
+    ) -> None:
+        self.cfg = cfg
+        self.call_id = call_id
+        self.clock = clock
+        self._on_quality = on_quality
+        self._on_issue = on_issue
+        self._on_health = on_health
+        self._on_media_stalled = on_media_stalled
+        ice = cfg.ice
+        self.pc = RTCPeerConnection(
+            ice_configuration(
+                stun_urls=ice.stun_urls,
+                turn_urls=ice.turn_urls,
+                username=ice.turn_username,
+                credential=ice.turn_password.get_secret_value() if ice.turn_password else None,
+                relay_only=ice.relay_only,
+            )
+        )
+        self.opus = OpusSettings(bitrate_bps=cfg.call.opus_bitrate_kbps * 1000)
+        audio = cfg.audio
+        self.capture = AlsaCapture(audio.capture_device, clock=clock, paced=audio.paced)
+        self.playout = PlayoutBuffer(
+            PlayoutSettings(target_ms=audio.playout_target_ms, max_ms=audio.playout_max_ms)
+        )
+        self.aec = (
+            EchoCanceller(EchoCancellerConfig(stream_delay_ms=audio.aec.stream_delay_ms))
+            if audio.aec.enabled
+            else None
+        )
+        self.raw_checks = FrameAnalyzer("capture_raw")
+        self.tx_checks = FrameAnalyzer("capture")
+        self.rx_checks = FrameAnalyzer("playout")
+        self.echo = EchoDetector("capture")
+        self._rendered: deque[Samples] = deque(maxlen=50)  # playback thread -> loop
+        self.track = MicrophoneTrack(self.capture, processor=self._process_capture)
+        self.sink: RemoteAudioSink | None = None
+        self.playback: AlsaPlayback | None = None
+        self.record = SessionRecord()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._failed: asyncio.Future[CallEnded] = asyncio.get_running_loop().create_future()
+        self._connected = asyncio.Event()
+        self._receive_buffers: list[Any] = []
+        self.pc.on("track", self._on_track)
+        self.pc.on("connectionstatechange", self._on_state)
+
+    # --- audio path (runs every 20 ms on the loop) ----------------------------------------
+
+    def _process_capture(self, frame: Samples) -> Samples:
+        while self._rendered:
+            far = self._rendered.popleft()
+            if self.aec is not None:
+                self.aec.process_render(far)
+            self.echo.push_render(far)
+            self._issues(self.rx_checks.analyze(far).changes)
+        self._issues(self.raw_checks.analyze(frame).changes)
+        if self.aec is not None:
+            frame = self.aec.process_capture(frame)
+        self._issues(self.tx_checks.analyze(frame).changes)
+        self._issues(self.echo.push_capture(frame))
+        return frame
+
+    def _render_tap(self, frame: Samples) -> None:
+        self._rendered.append(frame)  # deque.append is atomic; analysed on the loop
+
+    def _issues(self, changes: tuple[AudioIssueChanged, ...]) -> None:
+        for change in changes:
+            if change.active:
+                key = f"{change.stream}.{change.name}"
+                self.record.audio_issues[key] = self.record.audio_issues.get(key, 0) + 1
+            self._on_issue(change)
+
+    # --- devices and tracks ---------------------------------------------------------------
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.call_id}:{name}")
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._failed.done():
+            return
+        exc = task.exception()
+        if isinstance(exc, AudioDeviceError):
+            self._failed.set_result(CallEnded("audio_device", str(exc)))
+        elif exc is not None:
+            logger.error("call %s: %s failed", self.call_id, task.get_name(), exc_info=exc)
+            self._failed.set_result(CallEnded("error", f"{type(exc).__name__}: {exc}"))
+
+    async def open_devices(self) -> None:
+        """Open the capture device; raises CallEnded('audio_device') if it is missing."""
+        self._spawn(self.capture.run(), "capture")
+        opened = asyncio.ensure_future(self.capture.wait_opened())
+        await asyncio.wait([opened, self._failed], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+        if self._failed.done():
+            opened.cancel()
+            raise self._failed.result()
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind != "audio" or self.sink is not None:
+            return
+        self.sink = RemoteAudioSink(
+            track, self.playout, clock=self.clock, render_tap=self._render_tap
+        )
+        audio = self.cfg.audio
+        self.playback = AlsaPlayback(
+            audio.playback_device, self.sink.pull, clock=self.clock, paced=audio.paced
+        )
+        self._spawn(self.sink.run(), "sink")
+        self._spawn(self.playback.run(), "playback")
+
+    async def _on_state(self) -> None:
+        state = self.pc.connectionState
+        logger.debug("call %s: connection %s", self.call_id, state)
+        if state == "connected":
+            self._connected.set()
+        elif state == "failed" and not self._failed.done():
+            self._failed.set_result(CallEnded("ice_failed"))
+        elif state == "closed" and not self._failed.done():
+            # The far end closed its transport; its hangup message is usually on its
+            # way over MQTT, so give it a moment to arrive before calling it a failure.
+            asyncio.get_running_loop().call_later(REMOTE_CLOSE_GRACE_S, self._remote_closed)
+
+    def _remote_closed(self) -> None:
+        if not self._failed.done():
+            self._failed.set_result(CallEnded("transport_closed", "far end closed the connection"))
+
+    # --- negotiation ----------------------------------------------------------------------
+
+    async def create_offer(self) -> str:
+        self.pc.addTrack(self.track)
+        offer = await self.pc.createOffer()
+        restrict_host_addresses(
+            self.pc,
+            self.cfg.ice.host_addresses or None,
+            gather_timeout_s=self.cfg.ice.gather_timeout_s,
+        )
+        await self.pc.setLocalDescription(
+            RTCSessionDescription(munge_sdp(offer.sdp, self.opus), "offer")
+        )
+        return str(self.pc.localDescription.sdp)
+
+    async def accept_answer(self, sdp: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
+        self._after_remote()
+
+    async def answer(self, offer_sdp: str) -> str:
+        await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        self.pc.addTrack(self.track)
+        self._after_remote()
+        answer = await self.pc.createAnswer()
+        restrict_host_addresses(
+            self.pc,
+            self.cfg.ice.host_addresses or None,
+            gather_timeout_s=self.cfg.ice.gather_timeout_s,
+        )
+        await self.pc.setLocalDescription(
+            RTCSessionDescription(munge_sdp(answer.sdp, self.opus), "answer")
+        )
+        return str(self.pc.localDescription.sdp)
+
+    def _after_remote(self) -> None:
+        self._receive_buffers = install_receive_path(self.pc)
+        install_opus_encoder(self.pc, self.opus)
+
+    async def wait_connected(self, timeout_s: float) -> None:
+        """Until ICE and DTLS are up; CallEnded on failure or timeout."""
+        connected = asyncio.ensure_future(self._connected.wait())
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.wait([connected, self._failed], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+        except TimeoutError:
+            raise CallEnded("connect_timeout", f"not connected after {timeout_s:.0f} s") from None
+        finally:
+            connected.cancel()
+        if self._failed.done():
+            raise self._failed.result()
+        self.record.connected_at = self.clock.monotonic()
+
+    # --- the active call ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Watch the connected call until it ends by itself (raises CallEnded)."""
+        stats = asyncio.ensure_future(self._stats_loop())
+        try:
+            await asyncio.wait([stats, self._failed], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+            if self._failed.done():
+                raise self._failed.result()
+            stats.result()  # a bug in the stats loop surfaces here
+        finally:
+            stats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stats
+
+    async def _stats_loop(self) -> None:
+        cfg = self.cfg.call
+        prev: NetworkStats | None = None
+        started = self.clock.monotonic()
+        next_stats = started + cfg.stats_interval_s
+        stalled_since: float | None = None
+        max_end = started + cfg.max_duration_s
+        while True:
+            await self.clock.sleep(0.5)
+            now = self.clock.monotonic()
+            last = self.sink.last_frame_at if self.sink else None
+            if last is not None and self.record.first_media_at is None:
+                self.record.first_media_at = last
+            silent_for = now - (last if last is not None else started)
+            if silent_for >= cfg.media_stall_hangup_s:
+                raise CallEnded("media_timeout", f"no inbound audio for {silent_for:.0f} s")
+            if silent_for >= cfg.media_stall_warn_s:
+                if stalled_since is None:
+                    stalled_since = now
+                    self._on_media_stalled(silent_for)
+                    self._on_health(*health_for(None, True, []))
+            elif stalled_since is not None:
+                stalled_since = None
+                self._report_health()
+            if now >= max_end:
+                raise CallEnded("max_duration", f"{cfg.max_duration_s:.0f} s reached")
+            if now >= next_stats:
+                next_stats = now + cfg.stats_interval_s
+                prev = await self._sample(prev, now)
+
+    async def _sample(self, prev: NetworkStats | None, now: float) -> NetworkStats:
+        report = await self.pc.getStats()
+        cur = normalise(report, at_s=now)
+        if prev is None:
+            return cur
+        win = window(prev, cur)
+        depth = self.playout.depth_ms
+        mos = r = remote_mos = None
+        if win.loss_pct is not None:
+            delay = emodel.one_way_delay_ms(win.rtt_ms or 0.0, depth)
+            r = emodel.r_factor(delay, win.loss_pct, bpl=emodel.BPL[emodel.LossHandling.SILENCE])
+            mos = emodel.mos_from_r(r)
+        if win.remote_loss_pct is not None:
+            delay = emodel.one_way_delay_ms(win.rtt_ms or 0.0, depth)
+            remote_mos = emodel.mos_from_r(emodel.r_factor(delay, win.remote_loss_pct))
+        pstats = self.playout.stats()
+        est = self.echo.estimate
+        audio = audio_object(
+            self.tx_checks.snapshot(),
+            self.rx_checks.snapshot(),
+            echo_likelihood=est.likelihood,
+            echo_delay_ms=est.delay_ms if est.confirmed else None,
+            erle_db=self.aec.erle_db if self.aec else None,
+            underruns=pstats.underruns + (self.playback.underruns if self.playback else 0),
+            overruns=pstats.overruns + self.capture.overruns,
+        )
+        audio["concealed_frames"] = pstats.concealed_frames
+        sample = QualitySample(mos, r, win, depth, audio, remote_mos)
+        self.record.samples.append(sample)
+        self._on_quality(sample)
+        self._report_health()
+        return cur
+
+    def _report_health(self) -> None:
+        last = self.record.samples[-1] if self.record.samples else None
+        issues = sorted(
+            {*self.tx_checks.active_issues(), *self.raw_checks.active_issues()}
+            | ({"echo"} if self.echo.echo_active else set())
+        )
+        self._on_health(*health_for(last.mos if last else None, False, issues))
+
+    def ice_types(self) -> tuple[str | None, str | None]:
+        """Types (host/srflx/relay) of the nominated candidate pair, where aioice exposes it."""
+        try:
+            sender = self.pc.getTransceivers()[0].sender
+            conn = sender.transport.transport._connection
+            pairs = list(conn._nominated.values()) or [
+                p for p in conn._check_list if p.nominated or p.state.name == "SUCCEEDED"
+            ]
+            pair = pairs[0]
+            return pair.local_candidate.type, pair.remote_candidate.type
+        except (AttributeError, IndexError) as exc:
+            logger.debug("call %s: no ICE pair to report: %r", self.call_id, exc)
+            return None, None
+
+    async def close(self) -> None:
+        self.track.stop()
+        with contextlib.suppress(Exception):  # closing a half-negotiated pc may raise
+            await self.pc.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, AudioDeviceError):
+                await task

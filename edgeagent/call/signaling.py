@@ -1,0 +1,138 @@
+"""Signaling messages of protocol section 4: decoding with clear errors, building, policy checks.
+
+Pure: no MQTT, no aiortc. The call manager decodes every inbound message here
+and answers what is wrong instead of dropping it silently.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import msgspec
+
+from edgeagent.telemetry.payloads import PROTOCOL_VERSION, Signal, encode
+
+ENDPOINT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+CALL_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+MAX_SIGNAL_BYTES = 64 * 1024
+REJECT_REASONS = ("busy", "forbidden", "unavailable", "error")
+
+_decoder = msgspec.json.Decoder(Signal)
+
+
+class SignalError(Exception):
+    """An inbound signaling message that cannot be used; says what is wrong."""
+
+    def __init__(self, message: str, *, call_id: str | None = None, sender: str | None = None):
+        super().__init__(message)
+        self.call_id = call_id
+        self.sender = sender
+
+
+def decode_signal(payload: bytes, *, me: str) -> Signal:
+    """Decode and check one message addressed to endpoint `me`."""
+    if len(payload) > MAX_SIGNAL_BYTES:
+        raise SignalError(f"message of {len(payload)} bytes exceeds {MAX_SIGNAL_BYTES}")
+    try:
+        msg = _decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise SignalError(f"invalid signaling message: {exc}", **_peek(payload)) from None
+    except msgspec.DecodeError as exc:
+        raise SignalError(f"not JSON: {exc}") from None
+    ids = {"call_id": msg.call_id, "sender": msg.from_}
+    if msg.v != PROTOCOL_VERSION:
+        raise SignalError(f"unsupported version {msg.v}", **ids)
+    if not ENDPOINT_ID.match(msg.from_):
+        raise SignalError(f"bad sender id {msg.from_!r}", **ids)
+    if not CALL_ID.match(msg.call_id):
+        raise SignalError(f"bad call_id {msg.call_id!r}", **ids)
+    if msg.to != me:
+        raise SignalError(f"addressed to {msg.to!r}, not {me!r}", **ids)
+    if msg.type in ("offer", "answer") and (not msg.sdp or "m=audio" not in msg.sdp):
+        raise SignalError(f"{msg.type} without an audio SDP", **ids)
+    if (
+        msg.type == "offer"
+        and msg.traceparent is not None
+        and not TRACEPARENT.match(msg.traceparent)
+    ):
+        raise SignalError(f"malformed traceparent {msg.traceparent!r}", **ids)
+    return msg
+
+
+def _peek(payload: bytes) -> dict[str, str | None]:
+    """Best-effort call_id and sender of an invalid message, so the reject can be addressed."""
+    try:
+        raw = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    call_id, sender = raw.get("call_id"), raw.get("from")
+    return {
+        "call_id": call_id if isinstance(call_id, str) and CALL_ID.match(call_id) else None,
+        "sender": sender if isinstance(sender, str) and ENDPOINT_ID.match(sender) else None,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    topic: str
+    payload: bytes
+
+
+def build(
+    kind: str,
+    *,
+    prefix: str,
+    me: str,
+    to: str,
+    call_id: str,
+    ts: float,
+    sdp: str | None = None,
+    traceparent: str | None = None,
+    token: str | None = None,
+    reason: str | None = None,
+) -> Outbound:
+    """A message from `me` to `to`, ready to publish on the peer's signal topic."""
+    msg = Signal(
+        v=PROTOCOL_VERSION,
+        type=kind,  # type: ignore[arg-type]
+        call_id=call_id,
+        from_=me,
+        to=to,
+        ts=ts,
+        sdp=sdp,
+        traceparent=traceparent,
+        token=token,
+        reason=reason,
+    )
+    return Outbound(f"{prefix}/{to}/signal", encode(msg))
+
+
+def caller_allowed(caller: str, allow: Iterable[str]) -> bool:
+    allowed = list(allow)
+    return "*" in allowed or caller in allowed
+
+
+def new_call_id() -> str:
+    return secrets.token_hex(8)
+
+
+def new_traceparent() -> str:
+    """A fresh W3C traceparent (sampled); replaced by the tracer's when tracing is on."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    if traceparent and TRACEPARENT.match(traceparent):
+        return traceparent.split("-")[1]
+    return None
+
+
+def glare_winner(ours: str, theirs: str) -> str:
+    """Both sides offered at once: the offer with the lower call_id wins, on both ends."""
+    return ours if ours < theirs else theirs

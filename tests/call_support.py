@@ -1,0 +1,94 @@
+"""Harness for call tests: agents and echo peers in-process with ALSA file PCMs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from agent_support import agent_config
+from alsa_support import BenchAlsa, bench_alsa, write_raw
+
+from edgeagent.agent import Agent, AgentSeams
+from edgeagent.call.echo_peer import EchoPeer
+from edgeagent.config import load_config
+
+
+def endpoint_config(
+    tmp_path: Path,
+    port: int,
+    device_id: str,
+    alsa: BenchAlsa,
+    *,
+    mic: np.ndarray | None = None,
+    call: str = "",
+    extra: str = "",
+) -> Path:
+    """An agent config with its own file PCMs (mic_<id>, spk_<id>) on loopback-only ICE."""
+    pad = np.zeros(48000 * 60, dtype=np.int16)  # past the infile the PCM returns garbage
+    signal = mic if mic is not None else np.zeros(0, dtype=np.int16)
+    alsa.add_mic(
+        f"mic_{device_id}",
+        write_raw(tmp_path / f"mic_{device_id}.raw", np.concatenate([signal, pad])),
+    )
+    alsa.add_speaker(f"spk_{device_id}", tmp_path / f"spk_{device_id}.raw")
+    extra_text = f"""
+[ice]
+host_addresses = ["127.0.0.1"]
+gather_timeout_s = 0.5
+[audio]
+capture_device = "mic_{device_id}"
+playback_device = "spk_{device_id}"
+paced = true
+reopen_min_s = 0.2
+reopen_max_s = 1.0
+[call]
+answer = "auto"
+stats_interval_s = 1.0
+{call}
+{extra}
+"""
+    return agent_config(tmp_path, port, device_id, extra=extra_text)
+
+
+def alsa_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> BenchAlsa:
+    return bench_alsa(tmp_path, monkeypatch)
+
+
+@contextlib.asynccontextmanager
+async def running(cfg_path: Path, **seams: Any) -> AsyncIterator[Agent]:
+    agent = Agent(
+        load_config(cfg_path, environ={}), AgentSeams(install_signal_handlers=False, **seams)
+    )
+    task = asyncio.create_task(agent.run())
+    try:
+        await asyncio.wait_for(agent.link.connected.wait(), 10)
+        yield agent
+    finally:
+        agent.request_stop("test over")
+        await asyncio.wait_for(task, 10)
+
+
+@contextlib.asynccontextmanager
+async def echo_peer(cfg_path: Path) -> AsyncIterator[EchoPeer]:
+    peer = EchoPeer(load_config(cfg_path, environ={}))
+    task = asyncio.create_task(peer.run())
+    try:
+        await asyncio.wait_for(peer.link.connected.wait(), 10)
+        yield peer
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def until(cond: Callable[[], Any], timeout: float = 15.0, step: float = 0.05) -> Any:
+    """Bounded polling for state that has no event to await (audio frames flowing)."""
+    async with asyncio.timeout(timeout):
+        while not (value := cond()):
+            await asyncio.sleep(step)
+        return value

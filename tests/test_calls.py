@@ -1,0 +1,104 @@
+"""Real calls between endpoints through a real mosquitto, with file-backed ALSA at both ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from agent_support import collector
+from alsa_support import active, level_dbfs, peak_hz, read_raw, tone
+from call_support import alsa_env, echo_peer, endpoint_config, running, until
+from schema_support import assert_valid
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def summaries(messages: list, device: str) -> list[dict]:  # type: ignore[type-arg]
+    return [
+        m.json()
+        for m in messages
+        if m.topic.startswith(f"edge/v1/{device}/calls/") and m.topic.endswith("/summary")
+    ]
+
+
+def categories(messages: list, device: str) -> list[str]:  # type: ignore[type-arg]
+    return [m.json()["category"] for m in messages if m.topic == f"edge/v1/{device}/events"]
+
+
+async def test_two_agents_call_each_other_with_audio_both_ways(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 20))
+    cfg_b = endpoint_config(tmp_path, broker.port, "dev-b", alsa, mic=tone(1000, 20))
+    async with collector(broker.port, "edge/v1/#") as c, running(cfg_a) as a, running(cfg_b) as b:
+        call = await a.calls_mgr.dial("dev-b")
+        await until(lambda: a.calls_mgr.active and a.calls_mgr.active.state == "active")
+        await until(lambda: b.calls_mgr.active and b.calls_mgr.active.state == "active")
+
+        def heard(agent) -> bool:  # type: ignore[no-untyped-def]
+            s = agent.calls_mgr.active.session
+            return s.sink is not None and s.sink.frames_received >= 100  # 2 s of audio
+
+        await until(lambda: heard(a) and heard(b))
+        await until(lambda: c.on(f"/calls/{call.call_id}/quality"), timeout=10)
+        assert a.health.current().state in ("good", "degraded")
+        await a.calls_mgr.hangup()
+        sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"))
+        sb = await c.wait_for(lambda ms: summaries(ms, "dev-b"))
+
+    for m in c.messages:
+        assert_valid(m.topic, m.payload)
+    assert sa[0]["result"] == "completed", (sa, sb)
+    assert sa[0]["end_reason"] == "local_hangup"
+    assert sb[0]["result"] == "completed" and sb[0]["end_reason"] == "remote_hangup"
+    assert sa[0]["direction"] == "outgoing" and sb[0]["direction"] == "incoming"
+    assert sa[0]["call_id"] == sb[0]["call_id"] == call.call_id
+    assert sa[0]["trace_id"] == sb[0]["trace_id"] is not None  # carried in the offer
+    assert sa[0]["setup_ms"] is not None and sa[0]["ice"]["local_type"] == "host"
+    # Lifecycle events in order, on each side.
+    ev_a = categories(c.messages, "dev-a")
+    ev_b = categories(c.messages, "dev-b")
+    order_a = ["call.outgoing", "call.established", "call.media_started", "call.closed"]
+    order_b = [
+        "call.incoming",
+        "call.answered",
+        "call.established",
+        "call.media_started",
+        "call.closed",
+    ]
+    assert [e for e in ev_a if e in order_a] == order_a
+    assert [e for e in ev_b if e in order_b] == order_b
+    # Audio, numerically: each side hears the other's tone.
+    for device, freq in (("dev-a", 1000), ("dev-b", 440)):
+        played = active(read_raw(tmp_path / f"spk_{device}.raw"))
+        assert played.size >= 48000, f"{device} heard only {played.size} samples"
+        assert abs(peak_hz(played) - freq) <= 10, f"{device}: peak {peak_hz(played)}"
+        assert abs(level_dbfs(played) - (-12)) <= 3
+
+
+async def test_echo_peer_returns_the_callers_audio(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(700, 20))
+    cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa)
+    async with echo_peer(cfg_e) as echo, running(cfg_a) as a:
+        await a.calls_mgr.dial("echo")
+        await until(
+            lambda: (
+                a.calls_mgr.active
+                and a.calls_mgr.active.session
+                and a.calls_mgr.active.session.sink
+                and a.calls_mgr.active.session.sink.frames_received >= 200
+            )
+        )
+        assert echo.answered == 1
+        await a.calls_mgr.hangup()
+    played = active(read_raw(tmp_path / "spk_dev-a.raw"))
+    assert played.size >= 48000, played.size
+    assert abs(peak_hz(played) - 700) <= 10
