@@ -1,0 +1,178 @@
+"""Calls that do not go well: each gives its events, summary and LED sequence, and the agent stays up."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from alsa_support import tone
+from gpiozero.pins.mock import MockFactory
+
+from agent_support import collector
+from call_support import alsa_env, echo_peer, endpoint_config, running, until
+from edgeagent.call import signaling as sig
+from schema_support import assert_valid
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def summaries(messages: list, device: str) -> list[dict]:  # type: ignore[type-arg]
+    return [
+        m.json()
+        for m in messages
+        if m.topic.startswith(f"edge/v1/{device}/calls/") and m.topic.endswith("/summary")
+    ]
+
+
+def events(messages: list, device: str) -> list[dict]:  # type: ignore[type-arg]
+    return [m.json() for m in messages if m.topic == f"edge/v1/{device}/events"]
+
+
+class LedLog:
+    """Records the sequence of states the agent's LEDs were asked to show."""
+
+    def __init__(self, agent) -> None:  # type: ignore[no-untyped-def]
+        self.states: list[str] = []
+        leds = agent.leds
+        original = leds.show
+
+        def show(state: str) -> None:
+            if not self.states or self.states[-1] != state:
+                self.states.append(state)
+            original(state)
+
+        leds.show = show  # observe, not replace: the real LEDs still switch
+
+
+async def test_not_allowed_caller_is_rejected_forbidden(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 5))
+    cfg_b = endpoint_config(tmp_path, broker.port, "dev-b", alsa, call='allow = ["operator-1"]')
+    async with collector(broker.port, "edge/v1/#") as c, running(cfg_a) as a, running(cfg_b):
+        await a.calls_mgr.dial("dev-b")
+        sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"))
+        sb = await c.wait_for(lambda ms: summaries(ms, "dev-b"))
+        assert a.calls_mgr.active is None
+    assert sa[0]["result"] == "rejected" and sa[0]["end_reason"] == "rejected_forbidden"
+    assert sb[0]["result"] == "rejected" and sb[0]["end_reason"] == "forbidden"
+    refused = [e for e in events(c.messages, "dev-b") if e["category"] == "call.incoming"]
+    assert refused[0]["level"] == "warning" and "not allowed" in refused[0]["message"]
+    for m in c.messages:
+        assert_valid(m.topic, m.payload)
+
+
+async def test_busy_and_answer_timeout_and_leds(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 10))
+    cfg_c = endpoint_config(tmp_path, broker.port, "dev-c", alsa, mic=tone(600, 10))
+    cfg_b = endpoint_config(
+        tmp_path, broker.port, "dev-b", alsa, answer="ring", call="ring_timeout_s = 1.0"
+    )
+    factory = MockFactory()
+    async with (
+        collector(broker.port, "edge/v1/#") as c,
+        running(cfg_a) as a,
+        running(cfg_b, pin_factory=factory) as b,
+        running(cfg_c) as c_agent,
+    ):
+        leds = LedLog(b)
+        await a.calls_mgr.dial("dev-b")
+        await until(lambda: b.calls_mgr.active and b.calls_mgr.active.state == "ringing")
+        # A second caller while B rings: busy.
+        await c_agent.calls_mgr.dial("dev-b")
+        sc = await c.wait_for(lambda ms: summaries(ms, "dev-c"))
+        assert sc[0]["end_reason"] == "rejected_busy"
+        # Nobody answers: B's ring times out, A is told it was not answered.
+        sb = await c.wait_for(
+            lambda ms: [s for s in summaries(ms, "dev-b") if s["peer"] == "dev-a"]
+        )
+        sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"))
+        await until(lambda: b.health.current().state == "idle")
+    assert sb[0]["result"] == "missed" and sb[0]["end_reason"] == "ring_timeout"
+    assert sa[0]["result"] == "rejected" and sa[0]["end_reason"] == "rejected_unavailable"
+    assert leds.states == ["ringing", "idle"]
+    # The LEDs' pins were really driven: idle is the green heartbeat blip.
+    assert b.leds is not None and b.leds.state == "idle"
+
+
+async def test_peer_vanishing_mid_call_hangs_up_on_media_timeout(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(
+        tmp_path,
+        broker.port,
+        "dev-a",
+        alsa,
+        mic=tone(440, 30),
+        call="media_stall_warn_s = 1.0\nmedia_stall_hangup_s = 2.5",
+    )
+    cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa)
+    async with collector(broker.port, "edge/v1/#") as c, running(cfg_a) as a:
+        leds = LedLog(a)
+        async with echo_peer(cfg_e):
+            await a.calls_mgr.dial("echo")
+            await until(
+                lambda: (
+                    a.calls_mgr.active
+                    and a.calls_mgr.active.session
+                    and a.calls_mgr.active.session.sink
+                    and a.calls_mgr.active.session.sink.frames_received >= 50
+                )
+            )
+        # The echo peer is gone without a hangup (its task was cancelled).
+        sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"), timeout=20)
+        assert a.calls_mgr.active is None
+    assert sa[0]["result"] == "failed"
+    assert sa[0]["end_reason"] in ("media_timeout", "transport_closed")
+    cats = [e["category"] for e in events(c.messages, "dev-a")]
+    assert "call.established" in cats and "call.closed" in cats
+    assert leds.states[0] == "connecting" and leds.states[-1] == "idle"
+    assert "good" in leds.states
+
+
+async def test_missing_audio_device_faults_and_recovers(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 5))
+    cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa)
+    # The card is "unplugged": its PCM is not defined.
+    text = cfg_a.read_text().replace('capture_device = "mic_dev-a"', 'capture_device = "mic_gone"')
+    cfg_a.write_text(text)
+    async with collector(broker.port, "edge/v1/#") as c, echo_peer(cfg_e), running(cfg_a) as a:
+        await until(lambda: a.health.current().state == "fault")
+        await a.calls_mgr.dial("echo")  # fails on the device, recorded below
+        sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"))
+        assert sa[0]["result"] == "failed" and sa[0]["end_reason"] == "audio_device"
+        # The card comes back: the agent notices by itself and leaves the fault.
+        alsa.add_mic("mic_gone", tmp_path / "mic_dev-a.raw")
+        # alsa-lib rereads its config when the file's mtime (in seconds) changes.
+        later = time.time() + 2
+        os.utime(alsa.conf, (later, later))
+        await until(lambda: a.health.current().state == "idle", timeout=10)
+        health = await c.wait_for(
+            lambda ms: (
+                [m.json()["state"] for m in ms if m.topic.endswith("dev-a/health")]
+                if any(m.topic.endswith("dev-a/health") and m.json()["state"] == "idle" for m in ms)
+                else None
+            )
+        )
+    assert "fault" in health and health[-1] == "idle"
+    cats = [(e["category"], e["level"]) for e in events(c.messages, "dev-a")]
+    assert ("audio.device", "error") in cats
+    assert any(cat == "audio.device" and lvl == "info" for cat, lvl in cats)
