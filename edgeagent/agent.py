@@ -17,6 +17,16 @@ from edgeagent.call.manager import Call, CallManager
 from edgeagent.clock import Clock, SystemClock
 from edgeagent.config import Config, config_hash
 from edgeagent.events import BrokerConnected, BrokerDisconnected, EventBus, HealthChanged, Noted
+from edgeagent.health.alerts import (
+    AlertChange,
+    AlertRules,
+    CounterIncrease,
+    FailureRateWindow,
+    flag,
+    rules_from_config,
+    system_metrics,
+)
+from edgeagent.health.crashguard import CrashGuard, CrashSettings
 from edgeagent.health.state import HealthState
 from edgeagent.health.watchdog import Watchdog
 from edgeagent.hw import systemd
@@ -61,6 +71,7 @@ class AgentSeams:
     pin_factory: Any = None
     notify: Callable[[str], bool] = systemd.notify
     install_signal_handlers: bool = True
+    install_crash_hooks: bool = True
 
 
 class Agent:
@@ -126,6 +137,25 @@ class Agent:
             self.clock,
             max_lag_s=cfg.health.watchdog_max_lag_s,
         )
+        self._started = self.clock.monotonic()
+        self.crashed = False
+        self.crash_guard = CrashGuard(
+            CrashSettings(
+                state_dir=state_dir,
+                app_version=__version__,
+                device_model=self.device_model,
+                boot_id=self.boot_id,
+            ),
+            crumbs=self.crumbs,
+            logs=self.log_ring,
+            snapshot=self.crash_snapshot,
+            clock=self.clock,
+        )
+        self.alerts = AlertRules(rules_from_config(cfg.alerts), self.clock, self._on_alert)
+        self.failures = FailureRateWindow(
+            cfg.alerts.failure_window_s, cfg.alerts.failure_min_calls, self.clock
+        )
+        self._spool_drops = CounterIncrease()
         self.calls_mgr = CallManager(
             cfg,
             self.link,
@@ -135,6 +165,7 @@ class Agent:
             on_health=self._on_call_health,
             on_finished=self._on_call_finished,
             on_fault=self._on_audio_fault,
+            alerts=self.alerts,
         )
         self._audio_fault = asyncio.Event()
         self.button: CallButton | None = None
@@ -218,12 +249,73 @@ class Agent:
         if call.result == "failed":
             self.calls.failed += 1
         self.calls.active = 0
+        self.failures.record_result(call.result or "failed")
+        self.alerts.observe("call_failure_rate", self.failures.rate())
+        self.alerts.reset_scope("call", call.call_id)
+
+    def _on_alert(self, c: AlertChange) -> None:
+        """Alert state changes: retained and spooled, and a feedback snapshot during a call."""
+        self.publisher.spool(
+            self.topics.alert(c.name),
+            lambda seq: p.Alert(
+                **self._base(),
+                seq=seq,
+                name=c.name,
+                state=c.state,  # type: ignore[arg-type]
+                severity=c.severity,  # type: ignore[arg-type]
+                value=c.value,
+                threshold=c.threshold,
+                message=c.message,
+                runbook=c.runbook,
+                call_id=c.call_id,
+                since=c.since,
+            ),
+            retain=True,
+        )
+        logger.log(
+            logging.WARNING if c.state == "firing" else logging.INFO,
+            "alert %s %s: %s",
+            c.name,
+            c.state,
+            c.message,
+        )
+        if c.state == "firing" and c.call_id is not None:
+            self.publisher.event(
+                "info",
+                "feedback",
+                f"automatic snapshot: alert {c.name} fired during the call",
+                data=self.snapshot(),
+                call_id=c.call_id,
+            )
+
+    def crash_snapshot(self) -> dict[str, Any]:
+        view = self.health.current()
+        call = self.calls_mgr.active
+        return {
+            "health": view.state,
+            "reasons": list(view.reasons),
+            "uptime_s": round(self.clock.monotonic() - self._started, 1),
+            "broker_up": self.link.connected.is_set(),
+            "spool_pending": self.spool.stats().pending,
+            "calls": {
+                "active": self.calls.active,
+                "total": self.calls.total,
+                "failed": self.calls.failed,
+            },
+            "call_id": call.call_id if call else None,
+            "trace_id": call.trace_id if call else None,
+        }
+
+    def _on_loop_crash(self, exc: BaseException) -> None:
+        self.crashed = True
+        self.request_stop("crash")
 
     def _on_audio_fault(self, reason: str | None) -> None:
         if reason is None:
             return
         if not self._audio_fault.is_set():
             self.publisher.event("error", "audio.device", reason)
+            self.alerts.observe("audio_device_missing", 1.0)
         self.health.set_fault("audio_device", reason)
         self._audio_fault.set()
         self.publish_health()
@@ -249,6 +341,7 @@ class Agent:
                     if self._audio_fault.is_set():
                         self.publisher.event("info", "audio.device", "audio device available again")
                     self._audio_fault.clear()
+                    self.alerts.observe("audio_device_missing", 0.0)
                     self.health.set_fault("audio_device", None)
                     self.publish_health()
                     delay = audio.reopen_min_s
@@ -364,6 +457,12 @@ class Agent:
                 extra=fields or None,
             )
             self.publisher.volatile(self.topics.metrics, metrics)
+            self.alerts.observe_many(system_metrics(sample))
+            self.alerts.observe(
+                "spool_dropped_delta", self._spool_drops.update(stats.dropped_total)
+            )
+            self.alerts.observe("broker_unreachable", flag(not self.link.connected.is_set()))
+            self.alerts.tick()
             self.publisher.report_spool_drops()
             self._set_status_line()
             await self.clock.sleep(interval)
@@ -384,6 +483,12 @@ class Agent:
         root.addHandler(self.log_ring)
         root.addHandler(self.crumb_handler)
         loop = asyncio.get_running_loop()
+        if self.seams.install_crash_hooks:
+            self.crash_guard.start()
+            self.crash_guard.install_loop_handler(loop, on_crash=self._on_loop_crash)
+        else:
+            self.crash_guard.recover()
+        self.crash_guard.deliver(self.publisher, self.topics.crash)
         if self.seams.install_signal_handlers:
             for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
                 loop.add_signal_handler(sig, self.request_stop, name)
@@ -410,9 +515,14 @@ class Agent:
                 tg.create_task(self.watchdog.run(), name="watchdog")
                 tg.create_task(self.calls_mgr.run(), name="calls")
                 tg.create_task(self._audio_watch(), name="audio-watch")
+                tg.create_task(self.crash_guard.run(), name="crash-checkpoint")
                 tg.create_task(self._stop_when_asked(), name="stop")
         except* _Stopped:
             pass
+        except* Exception as eg:
+            self.crashed = True
+            self.crash_guard.record_exception(eg)
+            raise
         finally:
             if self.seams.install_signal_handlers:
                 for sig in (signal.SIGTERM, signal.SIGINT):
@@ -423,8 +533,11 @@ class Agent:
                 self.leds.close()
             if self.button is not None:
                 self.button.close()
+            reason = "crash" if self.crashed else (self.stop_reason or "stopped")
+            self.crash_guard.stop(reason, clean=not self.crashed)
+            self.crash_guard.disarm()
             self.spool.close()
-        return 0
+        return 70 if self.crashed else 0
 
 
 def pin_factory_for(cfg: Config, given: Any) -> Any:

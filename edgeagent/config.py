@@ -172,6 +172,9 @@ class SecurityConfig(_Section):
     local_socket: Path | None = None
 
 
+from edgeagent.health.alerts import AlertsConfig  # noqa: E402 - after the shared section types
+
+
 class Config(_Section):
     device: DeviceConfig
     mqtt: MqttConfig = MqttConfig()
@@ -185,6 +188,7 @@ class Config(_Section):
     leds: LedsConfig = LedsConfig()
     button: ButtonConfig = ButtonConfig()
     security: SecurityConfig = SecurityConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
     @property
     def topic_root(self) -> str:

@@ -1,4 +1,4 @@
-"""Calls that do not go well: each gives its events, summary and LED sequence, and the agent stays up."""
+"""Calls that go wrong: each gives its events, summary and LEDs, and the agent stays up."""
 
 from __future__ import annotations
 
@@ -7,12 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
-from alsa_support import tone
-from gpiozero.pins.mock import MockFactory
-
 from agent_support import collector
+from alsa_support import tone
 from call_support import alsa_env, echo_peer, endpoint_config, running, until
-from edgeagent.call import signaling as sig
+from gpiozero.pins.mock import MockFactory
 from schema_support import assert_valid
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]

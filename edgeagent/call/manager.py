@@ -22,6 +22,7 @@ from edgeagent.call import signaling as sig
 from edgeagent.call.session import CallEnded, CallSession, QualitySample
 from edgeagent.clock import Clock
 from edgeagent.config import Config
+from edgeagent.health.alerts import AlertRules, flag
 from edgeagent.mqtt import BrokerLink, BrokerUnavailable, Inbound
 from edgeagent.telemetry import payloads as p
 from edgeagent.telemetry.publisher import Publisher
@@ -74,6 +75,7 @@ class CallManager:
         on_finished: Callable[[Call], None],
         on_fault: Callable[[str | None], None],
         check_offer: OfferCheck | None = None,
+        alerts: AlertRules | None = None,
     ) -> None:
         self.cfg = cfg
         self.link = link
@@ -84,6 +86,7 @@ class CallManager:
         self._on_finished = on_finished
         self._on_fault = on_fault
         self._check_offer = check_offer
+        self.alerts = alerts
         self.active: Call | None = None
         self.history: list[Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -493,6 +496,16 @@ class CallManager:
 
     def _quality(self, call: Call, s: QualitySample) -> None:
         w = s.window
+        if self.alerts is not None:
+            self.alerts.observe_many(
+                {
+                    "mos": s.mos,
+                    "loss_pct": w.loss_pct,
+                    "jitter_ms": w.jitter_ms,
+                    "rtt_ms": w.rtt_ms,
+                },
+                call_id=call.call_id,
+            )
         self.publisher.volatile(
             self.topics.quality(call.call_id),
             p.Quality(
@@ -516,6 +529,14 @@ class CallManager:
         )
 
     def _issue(self, call: Call, change: AudioIssueChanged) -> None:
+        if self.alerts is not None and change.stream in ("capture", "capture_raw"):
+            active: set[str] = call.extra.setdefault("issues", set())
+            (active.add if change.active else active.discard)(change.name)
+            self.alerts.observe(
+                "no_audio", flag(bool({"no_audio", "dead_input"} & active)), call_id=call.call_id
+            )
+            if change.name not in ("no_audio", "dead_input"):
+                self.alerts.observe(change.name, flag(change.active), call_id=call.call_id)
         state = "detected" if change.active else "cleared"
         self._event(
             call,
