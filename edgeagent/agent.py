@@ -359,9 +359,9 @@ class Agent:
             return
         self._spawn(self._dial_quietly())
 
-    async def _dial_quietly(self) -> None:
+    async def _dial_quietly(self, peer: str | None = None) -> None:
         try:
-            await self.calls_mgr.dial()
+            await self.calls_mgr.dial(peer)
         except (ValueError, RuntimeError) as exc:
             self.publisher.event("warning", "call.outgoing", f"button: cannot dial: {exc}")
 
@@ -373,6 +373,15 @@ class Agent:
             data=self.snapshot(),
             call_id=self.calls_mgr.active.call_id if self.calls_mgr.active else None,
         )
+
+    def dial_on_connect(self, peer: str) -> None:
+        """Place one call to `peer` as soon as the broker link is up (bench runs)."""
+
+        def dial(_e: BrokerConnected) -> None:
+            unsubscribe()
+            self._spawn(self._dial_quietly(peer))
+
+        unsubscribe = self.bus.subscribe(BrokerConnected, dial)
 
     def snapshot(self) -> dict[str, Any]:
         """The reference chapter's captureCallState: network, audio, call, thermal, memory, logs."""

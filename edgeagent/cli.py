@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the agent in the foreground")
     run.add_argument("--config", "-c", type=Path, required=True)
     run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--dial", metavar="PEER", help="call PEER once the broker is up (bench)")
     check = sub.add_parser("check-config", help="validate a config file; exit 78 if bad")
     check.add_argument("path", type=Path)
     sub.add_parser("version", help="print the version")
@@ -69,7 +70,7 @@ def cmd_check_config(path: Path) -> int:
     return EXIT_OK
 
 
-def cmd_run(path: Path, log_level: str | None) -> int:
+def cmd_run(path: Path, log_level: str | None, dial: str | None = None) -> int:
     try:
         cfg = load_config(path)
     except ConfigError as exc:
@@ -80,7 +81,10 @@ def cmd_run(path: Path, log_level: str | None) -> int:
     from edgeagent.agent import Agent
 
     try:
-        return asyncio.run(Agent(cfg).run())
+        agent = Agent(cfg)
+        if dial:
+            agent.dial_on_connect(dial)
+        return asyncio.run(agent.run())
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception:
@@ -113,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return cmd_check_config(args.path)
     if args.command == "run":
-        return cmd_run(args.config, args.log_level)
+        return cmd_run(args.config, args.log_level, args.dial)
     if args.command == "echo-peer":
         return cmd_echo_peer(args.config)
     return EXIT_FAILURE

@@ -363,6 +363,15 @@ class CallManager:
         call.state = "active"
         self._on_health("good", ())
         local, remote = session.ice_types()
+        call.extra["ice"] = (local, remote)
+        logger.info(
+            "call %s: connected to %s in %.0f ms (ICE %s/%s)",
+            call.call_id,
+            call.peer,
+            call.setup_ms,
+            local,
+            remote,
+        )
         self._event(
             call,
             "info",
@@ -436,6 +445,7 @@ class CallManager:
             f"call ended: {result} ({reason}{': ' + detail if detail else ''})",
             data={"result": result, "end_reason": reason, "detail": detail},
         )
+        logger.info("call %s: ended %s (%s)", call.call_id, result, reason)
         self._summary(call)
         task = call.task
         if task is not None and task is not asyncio.current_task() and not task.done():
@@ -451,7 +461,7 @@ class CallManager:
         loss = [s.window.loss_pct for s in samples if s.window.loss_pct is not None]
         jit = [s.window.jitter_ms for s in samples if s.window.jitter_ms is not None]
         rtt = [s.window.rtt_ms for s in samples if s.window.rtt_ms is not None]
-        local, remote = session.ice_types() if session else (None, None)
+        local, remote = call.extra.get("ice", (None, None))
         duration = self.clock.monotonic() - call.connected_mono if call.connected_mono else 0.0
         playout = None
         if session is not None:
