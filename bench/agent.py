@@ -65,7 +65,10 @@ def start_to_ready(tmp: Path, port: int, runs: int = 5) -> tuple[list[float], fl
         t0 = time.monotonic()
         proc = subprocess.Popen(
             [sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
         )
         while True:
             msg = sock.recv(4096).decode()
@@ -105,8 +108,13 @@ async def drain_rate(tmp: Path, port: int, n: int = 20000) -> tuple[float, float
         agent.publisher.spool(
             agent.topics.events,
             lambda seq, i=i: __import__("edgeagent.telemetry.payloads", fromlist=["Event"]).Event(
-                v=1, device="bench-drain", ts=time.time(), seq=seq, level="info",
-                category="bench", message=f"event {i} " + "x" * 300,
+                v=1,
+                device="bench-drain",
+                ts=time.time(),
+                seq=seq,
+                level="info",
+                category="bench",
+                message=f"event {i} " + "x" * 300,
             ),
         )
     put_rate = n / (time.perf_counter() - t0)
@@ -129,8 +137,9 @@ def main() -> None:
         port, ws = free_port(), free_port()
         conf = tmp / "mosquitto.conf"
         write_mosquitto_conf(conf, port, ws)
-        broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        broker = subprocess.Popen(
+            ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             wait_port(port)
             ready, idle_cpu, rss = start_to_ready(tmp, port)
@@ -139,8 +148,10 @@ def main() -> None:
             broker.terminate()
             broker.wait(5)
     print(f"{'metric':44} {'value':>12}  target")
-    print(f"{'start to READY=1, median of 5 (ms)':44} {statistics.median(ready):12.0f}  <= 1000"
-          f"   (runs: {', '.join(f'{t:.0f}' for t in ready)})")
+    print(
+        f"{'start to READY=1, median of 5 (ms)':44} {statistics.median(ready):12.0f}  <= 1000"
+        f"   (runs: {', '.join(f'{t:.0f}' for t in ready)})"
+    )
     print(f"{'idle CPU over 30 s (% of a core)':44} {idle_cpu:12.2f}  <= 0.5")
     print(f"{'idle RSS (MiB)':44} {rss:12.1f}")
     print(f"{'spool writes through Publisher (events/s)':44} {put_rate:12.0f}  >= 5000")

@@ -12,10 +12,15 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
+import msgspec
+
 from edgeagent import __version__
 from edgeagent.call.manager import Call, CallManager
 from edgeagent.clock import Clock, SystemClock
 from edgeagent.config import Config, config_hash
+from edgeagent.control.catalog import CommandError
+from edgeagent.control.handlers import apply_log_level
+from edgeagent.control.server import build_command_server, describe_catalog
 from edgeagent.events import BrokerConnected, BrokerDisconnected, EventBus, HealthChanged, Noted
 from edgeagent.health.alerts import (
     AlertChange,
@@ -27,6 +32,7 @@ from edgeagent.health.alerts import (
     system_metrics,
 )
 from edgeagent.health.crashguard import CrashGuard, CrashSettings
+from edgeagent.health.netwatch import CHECKS, LeakWatch, NetWatchSettings, NetworkWatch
 from edgeagent.health.state import HealthState
 from edgeagent.health.watchdog import Watchdog
 from edgeagent.hw import systemd
@@ -90,6 +96,7 @@ class Agent:
         self.stop_reason: str | None = None
         self._stopping = asyncio.Event()
         self._bg: set[asyncio.Task[None]] = set()
+        self.restart_requested = False
         state_dir = cfg.storage.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self.boot_id = boot_id(cfg.health.sysfs_root)
@@ -128,6 +135,25 @@ class Agent:
             events_burst=cfg.telemetry.events_burst,
             window=cfg.mqtt.max_inflight,
         )
+        s = cfg.security
+        self.commands = build_command_server(
+            device_id=cfg.device.id,
+            topics=self.topics,
+            link=self.link,
+            publisher=self.publisher,
+            context=self,
+            clock=self.clock,
+            state_dir=state_dir,
+            commands_mode=s.commands,
+            keys_file=s.keys_file,
+            max_token_lifetime_s=s.max_token_lifetime_s,
+            armed=s.armed,
+            local_socket=s.local_socket,
+            known_secrets=[
+                cfg.ice.turn_password.get_secret_value() if cfg.ice.turn_password else None,
+                cfg.mqtt.password.get_secret_value() if cfg.mqtt.password else None,
+            ],
+        )
         self.crumb_handler = CrumbLogHandler(self.crumbs, self.publisher.stream_crumb)
         self.leds_factory = pin_factory_for(cfg, self.seams.pin_factory)
         self.leds = build_leds(cfg, self.leds_factory) if cfg.leds.enabled else None
@@ -156,6 +182,20 @@ class Agent:
             cfg.alerts.failure_window_s, cfg.alerts.failure_min_calls, self.clock
         )
         self._spool_drops = CounterIncrease()
+        ice = cfg.ice
+        self.netwatch = NetworkWatch(
+            NetWatchSettings(
+                stun_urls=tuple(ice.stun_urls),
+                turn_urls=tuple(ice.turn_urls),
+                turn_username=ice.turn_username,
+                turn_password=ice.turn_password.get_secret_value() if ice.turn_password else None,
+                tls_endpoints=((cfg.mqtt.host, cfg.mqtt.port),) if cfg.mqtt.tls.enabled else (),
+                dns_hosts=(cfg.mqtt.host,),
+            ),
+            self._on_probe_alert,
+            clock=self.clock,
+        )
+        self.leak = LeakWatch(self._on_probe_alert)
         self.calls_mgr = CallManager(
             cfg,
             self.link,
@@ -203,7 +243,7 @@ class Agent:
             versions=versions,
             device_model=self.device_model,
             capabilities=["metrics", "events", "alerts", "spool"],
-            commands=[],
+            commands=describe_catalog(set(self.cfg.security.armed)),
             config_hash=config_hash(self.cfg),
             session=self.link.session,
             boot_id=self.boot_id,
@@ -287,6 +327,29 @@ class Agent:
                 data=self.snapshot(),
                 call_id=c.call_id,
             )
+
+    def _on_probe_alert(
+        self,
+        name: str,
+        state: str,
+        severity: str,
+        value: float | None,
+        threshold: float | None,
+        message: str,
+        runbook: str | None,
+    ) -> None:
+        self._on_alert(
+            AlertChange(
+                name=name,
+                state=state,  # type: ignore[arg-type]
+                severity=severity,  # type: ignore[arg-type]
+                value=value,
+                threshold=threshold if threshold is not None else 0.0,
+                message=message,
+                runbook=runbook,
+                since=self.clock.time(),
+            )
+        )
 
     def crash_snapshot(self) -> dict[str, Any]:
         view = self.health.current()
@@ -374,6 +437,135 @@ class Agent:
             call_id=self.calls_mgr.active.call_id if self.calls_mgr.active else None,
         )
 
+    # --- the command context (edgeagent.control.server.CommandContext) --------------------
+
+    @property
+    def device_id(self) -> str:
+        return self.cfg.device.id
+
+    async def metrics(self) -> dict[str, Any]:
+        sample = await asyncio.to_thread(self.system.sample)
+        fields = sample.to_metrics_fields()
+        stats = self.spool.stats()
+        fields["calls"] = msgspec.to_builtins(self.calls.payload())
+        fields["spool"] = {"pending": stats.pending, "dropped": stats.dropped_total}
+        fields["network"] = self.netwatch.metrics_fields()
+        return fields
+
+    def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = msgspec.to_builtins(self.info_payload())
+        return info
+
+    async def rebirth(self) -> None:
+        await self._on_connected(self.link.session)
+
+    def logs(self, lines: int, min_level: int, since: float | None) -> list[str]:
+        return self.log_ring.lines(lines, min_level=min_level, since=since)
+
+    def breadcrumbs(self, limit: int) -> list[dict[str, Any]]:
+        return self.crumbs.snapshot(limit)
+
+    def set_log_level(self, logger_name: str, level: int, ttl_s: float) -> int:
+        return apply_log_level(logger_name, level)
+
+    def call_active(self) -> bool:
+        return self.calls_mgr.active is not None
+
+    def clock_synced(self) -> bool:
+        if self.cfg.health.assume_clock_synced:
+            return True
+        return self.netwatch.clock_synced() is not False
+
+    async def dial(self, peer: str | None) -> dict[str, Any]:
+        try:
+            call = await self.calls_mgr.dial(peer)
+        except ValueError as exc:
+            raise CommandError(400, str(exc)) from None
+        except RuntimeError as exc:
+            raise CommandError(409, str(exc)) from None
+        return {"call_id": call.call_id, "peer": call.peer, "trace_id": call.trace_id}
+
+    async def hangup(self, call_id: str | None) -> dict[str, Any]:
+        active = self.calls_mgr.active
+        if active is None or (call_id is not None and active.call_id != call_id):
+            raise CommandError(404, "no such active call")
+        await self.calls_mgr.hangup("remote_command")
+        return {"call_id": active.call_id, "result": active.result}
+
+    async def call_test(self, peer: str | None, duration_s: int) -> dict[str, Any]:
+        """Call the echo peer, let audio flow, and report what the call measured."""
+        call = await self.dial(peer)
+        mgr = self.calls_mgr
+        deadline = self.clock.monotonic() + self.cfg.call.connect_timeout_s + duration_s
+        while self.clock.monotonic() < deadline:
+            active = mgr.active
+            if active is None or active.call_id != call["call_id"]:
+                break
+            session = active.session
+            measured = active.state == "active" and session is not None and session.record.samples
+            if measured and self.clock.monotonic() - (active.connected_mono or 0) >= duration_s:
+                break
+            await self.clock.sleep(0.2)
+        active = mgr.active
+        sample = None
+        if active is not None and active.call_id == call["call_id"]:
+            session = active.session
+            sample = session.record.samples[-1] if session and session.record.samples else None
+            await mgr.hangup("call_test")
+        done = next((c for c in reversed(mgr.history) if c.call_id == call["call_id"]), None)
+        return {
+            **call,
+            "result": done.result if done else None,
+            "end_reason": done.end_reason if done else None,
+            "setup_ms": done.setup_ms if done else None,
+            "rtt_ms": sample.window.rtt_ms if sample else None,
+            "loss_pct": sample.window.loss_pct if sample else None,
+            "mos": sample.mos if sample else None,
+            "audio": sample.audio if sample else None,
+            "echo_verdict": (sample.audio.get("echo_likelihood") if sample else None),
+        }
+
+    async def diagnose(self, checks: tuple[str, ...]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        net = [c for c in checks if c in CHECKS]
+        if net:
+            out.update(await self.netwatch.probe_all(net))
+        if "broker" in checks:
+            out["broker"] = {
+                "connected": self.link.connected.is_set(),
+                "session": self.link.session,
+                "last_error": self.link.last_error,
+            }
+        if "audio" in checks:
+            if self.calls_mgr.active is not None:
+                out["audio"] = {"skipped": "a call is using the devices"}
+            else:
+                t0 = self.clock.monotonic()
+                try:
+                    await asyncio.to_thread(
+                        probe_devices, self.cfg.audio.capture_device, self.cfg.audio.playback_device
+                    )
+                    ok, err = True, None
+                except AudioDeviceError as exc:
+                    ok, err = False, str(exc)
+                out["audio"] = {
+                    "ok": ok,
+                    "error": err,
+                    "ms": round((self.clock.monotonic() - t0) * 1000, 1),
+                }
+        return out
+
+    def request_restart(self, reason: str) -> None:
+        self.restart_requested = True
+        self.request_stop(f"restart: {reason}")
+
+    def crash_test(self, kind: str) -> None:
+        if kind == "segfault":
+            import ctypes
+
+            ctypes.string_at(0)
+        raise RuntimeError("test crash requested by command")
+
     def dial_on_connect(self, peer: str) -> None:
         """Place one call to `peer` as soon as the broker link is up (bench runs)."""
 
@@ -447,7 +639,9 @@ class Agent:
         while True:
             sample = await asyncio.to_thread(self.system.sample)
             stats = self.spool.stats()
+            self.leak.observe(self.clock.monotonic(), sample.rss_mb)
             fields = sample.to_metrics_fields()
+            fields["network"] = self.netwatch.metrics_fields()
             throttled = fields.pop("throttled", None)
             metrics = p.Metrics(
                 **self._base(),
@@ -525,6 +719,8 @@ class Agent:
                 tg.create_task(self.calls_mgr.run(), name="calls")
                 tg.create_task(self._audio_watch(), name="audio-watch")
                 tg.create_task(self.crash_guard.run(), name="crash-checkpoint")
+                tg.create_task(self.netwatch.run(), name="netwatch")
+                tg.create_task(self.commands.run(), name="commands")
                 tg.create_task(self._stop_when_asked(), name="stop")
         except* _Stopped:
             pass
@@ -546,7 +742,10 @@ class Agent:
             self.crash_guard.stop(reason, clean=not self.crashed)
             self.crash_guard.disarm()
             self.spool.close()
-        return 70 if self.crashed else 0
+        if self.crashed:
+            return 70
+        # A requested restart exits non-zero so Restart=on-failure brings the agent back.
+        return 75 if self.restart_requested else 0
 
 
 def pin_factory_for(cfg: Config, given: Any) -> Any:

@@ -97,6 +97,8 @@ class HealthConfig(_Section):
     sysfs_root: Path = Path("/")
     """Root under which /sys and /proc are read (tests point it at a fixture tree)."""
     vcgencmd: str | None = "vcgencmd"
+    assume_clock_synced: bool = False
+    """Treat the clock as synchronised without NTP evidence (benches and containers only)."""
     watchdog_max_lag_s: float | None = None
     """Skip the watchdog ping when the loop lags more than this (default: the ping interval)."""
 

@@ -37,6 +37,7 @@ reconnect_max_s = 0.5
 state_dir = "{state}"
 [health]
 vcgencmd = ""
+assume_clock_synced = true
 sysfs_root = "{tmp_path / "sysroot"}"
 [leds]
 mock = true

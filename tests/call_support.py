@@ -26,6 +26,7 @@ def endpoint_config(
     *,
     mic: np.ndarray | None = None,
     call: str = "",
+    answer: str = "auto",
     extra: str = "",
 ) -> Path:
     """An agent config with its own file PCMs (mic_<id>, spk_<id>) on loopback-only ICE."""
@@ -47,7 +48,7 @@ paced = true
 reopen_min_s = 0.2
 reopen_max_s = 1.0
 [call]
-answer = "auto"
+answer = "{answer}"
 stats_interval_s = 1.0
 {call}
 {extra}

@@ -1,0 +1,663 @@
+"""The command server: MQTT and local-socket front ends, admission, dispatch and the answer.
+
+Every request that reaches the device gets exactly one final answer (protocol section 3),
+whatever it contains: verification and admission failures are `CommandError`s, a handler that
+times out or has a bug is answered 500 (the one blind `except` of the command boundary).
+Long commands first get a 202. Requests are queued by the link's (synchronous) callback and
+run as tasks of `run()`'s TaskGroup, so nothing outlives the server.
+
+Order of checks after the token (tokens.py has its own): catalog (404), arguments (400),
+arming of dangerous commands (403), an active call (409 unless the key may force), the one
+dangerous command at a time (409), per-key request rate (429), heavy-command rate (429,
+persisted so restarts do not refill it).
+
+Responses go to the request's MQTT 5 response topic with its correlation data, but only
+when that topic is under `<root>/cmd-res/` (the device must not be steerable into publishing
+on its own telemetry topics); otherwise to `<root>/cmd-res/<id>`, or `<root>/cmd-res/invalid`
+when no id could be read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import stat
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import msgspec
+
+from edgeagent.clock import Clock
+from edgeagent.control.catalog import (
+    CATALOG,
+    CommandError,
+    CommandSpec,
+    Risk,
+    Role,
+    Status,
+    decode_args,
+    get_spec,
+)
+from edgeagent.control.handlers import AfterReply, Handlers
+from edgeagent.control.keys import TrustedKey, load_trusted_keys
+from edgeagent.control.ratelimit import RateLimiter
+from edgeagent.control.redact import Redactor
+from edgeagent.control.replay import ReplayCache
+from edgeagent.control.tokens import JTI_PATTERN, VerifiedCommand, Verifier
+from edgeagent.mqtt import BrokerLink, BrokerUnavailable, Inbound
+from edgeagent.telemetry import payloads as p
+from edgeagent.telemetry.publisher import Publisher
+from edgeagent.telemetry.topics import Topics
+
+__all__ = [
+    "ACCEPT_FIRST",
+    "MAX_OUTPUT_BYTES",
+    "CommandContext",
+    "CommandLimits",
+    "CommandServer",
+    "build_command_server",
+    "describe_catalog",
+    "fit_output",
+    "load_keys_file",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_OUTPUT_BYTES: Final = 128 * 1024
+MAX_LOCAL_LINE: Final = 64 * 1024
+# Answered 202 at once, then finally: they take seconds to a minute.
+ACCEPT_FIRST: Final = frozenset({"call_test", "diagnose", "memory", "profile"})
+_JTI_RE: Final = re.compile(JTI_PATTERN)
+_CMD_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ALL_ROLES: Final = frozenset(r.value for r in Role)
+_TAIL_KEYS: Final = frozenset({"lines", "logs", "breadcrumbs", "events"})  # keep the newest
+
+
+class CommandContext(Protocol):
+    """What the handlers need from the agent (the agent implements it)."""
+
+    @property
+    def device_id(self) -> str: ...
+
+    def snapshot(self) -> dict[str, Any]:
+        """The call-state capture (captureCallState): calls, audio, ICE, health, config."""
+        ...
+
+    async def metrics(self) -> dict[str, Any]:
+        """A fresh metrics sample, as in the `metrics` payload."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """The `info` payload as a dict."""
+        ...
+
+    async def rebirth(self) -> None:
+        """Republish the retained status (online) and info."""
+        ...
+
+    def logs(self, lines: int, min_level: int, since: float | None) -> list[str]:
+        """The newest `lines` log lines at `min_level` or above, since epoch `since`."""
+        ...
+
+    def breadcrumbs(self, limit: int) -> list[dict[str, Any]]: ...
+
+    def set_log_level(self, logger: str, level: int, ttl_s: float) -> int:
+        """Set a logger's level now ("" = root) and return the previous one.
+
+        The handlers call it again with the previous level when ttl_s has passed (ttl_s=0);
+        `handlers.apply_log_level` is a complete implementation.
+        """
+        ...
+
+    def call_active(self) -> bool: ...
+
+    async def dial(self, peer: str | None) -> dict[str, Any]:
+        """Start a call (None: the default peer); CommandError 409 busy, 404 no such peer."""
+        ...
+
+    async def hangup(self, call_id: str | None) -> dict[str, Any]:
+        """End one call (None: all); CommandError 404 when there is no such call."""
+        ...
+
+    async def call_test(self, peer: str | None, duration_s: int) -> dict[str, Any]:
+        """Call the echo peer, play a known signal: latency, levels, echo verdict, score."""
+        ...
+
+    async def diagnose(self, checks: tuple[str, ...]) -> dict[str, Any]:
+        """Each check's result and timing."""
+        ...
+
+    def clock_synced(self) -> bool: ...
+
+    def request_restart(self, reason: str) -> None:
+        """Stop gracefully with `reason` recorded, so the supervisor starts us again."""
+        ...
+
+    def crash_test(self, kind: str) -> None:
+        """Crash as a real bug would; may raise (it runs in the server's TaskGroup)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class CommandLimits:
+    """Rates, caps and concurrency of the command server."""
+
+    max_output_bytes: int = MAX_OUTPUT_BYTES
+    request_rate_per_s: float = 5.0  # per key, in memory
+    request_burst: float = 30.0
+    heavy_rate_per_s: float = 1 / 60  # per heavy command, persisted
+    heavy_burst: float = 5.0
+    max_in_flight: int = 32  # requests beyond this are answered 429 unverified
+    queue_size: int = 1024  # past this, requests are dropped (logged): a flood
+    accept_first: frozenset[str] = ACCEPT_FIRST
+
+
+ReplySink = Callable[[p.CommandResponse, bool], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Request:
+    via: str  # "mqtt" | "local"
+    topic_cmd: str | None
+    payload: bytes = b""
+    local: VerifiedCommand | None = None
+    response_topic: str | None = None
+    correlation: bytes | None = None
+    sink: ReplySink | None = None  # local requests answer on their socket
+    done: asyncio.Future[None] | None = field(default=None)
+
+
+def describe_catalog(armed: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """The catalog as `info.commands` lists it: name, role, risk, limits, argument names."""
+    return [
+        {
+            "name": s.name,
+            "role": s.role.value,
+            "risk": s.risk.value,
+            "timeout_s": s.timeout_s,
+            "heavy": s.heavy,
+            "refuses_during_call": s.refuses_during_call,
+            "args": list(s.args_type.__struct_fields__),
+            **({"armed": s.name in armed} if s.risk is Risk.DANGEROUS else {}),
+        }
+        for s in CATALOG.values()
+    ]
+
+
+def load_keys_file(path: Path) -> dict[str, TrustedKey]:
+    """Trusted operator keys from a JSON file: a list of entries, or {"keys": [...]}."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    entries: Any = data.get("keys") if isinstance(data, dict) else data
+    return load_trusted_keys(entries, path=f"{path}:keys")
+
+
+def _shrink_once(value: Any, key: str | None = None) -> tuple[Any, bool]:
+    """Halve the biggest list or string inside `value`; False if nothing could shrink."""
+    if isinstance(value, str):
+        if len(value) <= 64:
+            return value, False
+        return value[: len(value) // 2] + "...[truncated]", True
+    if isinstance(value, list):
+        if len(value) > 1:
+            keep = len(value) // 2
+            # Logs and crumbs keep their newest (last) entries; ranked lists their head.
+            return (value[-keep:] if key in _TAIL_KEYS else value[:keep]), True
+        if value:
+            inner, changed = _shrink_once(value[0])
+            return [inner], changed
+        return value, False
+    if isinstance(value, dict):
+        if not value:
+            return value, False
+        sizes = {k: len(msgspec.json.encode(v)) for k, v in value.items()}
+        for k in sorted(sizes, key=lambda k: sizes[k], reverse=True):
+            inner, changed = _shrink_once(value[k], k)
+            if changed:
+                return {**value, k: inner}, True
+        return value, False
+    return value, False
+
+
+def fit_output(result: Any, budget: int) -> tuple[Any, bool]:
+    """`result` cut to encode within `budget` bytes; (result, truncated)."""
+    size = len(msgspec.json.encode(result))
+    if size <= budget:
+        return result, False
+    for _ in range(200):
+        result, changed = _shrink_once(result)
+        if not changed:
+            break
+        if len(msgspec.json.encode(result)) <= budget:
+            return result, True
+    text = msgspec.json.encode(result).decode()[: max(0, budget // 2)]
+    return {"partial_json": text}, True
+
+
+class CommandServer:
+    """Answers remote (MQTT) and local (unix socket) commands for one device.
+
+    Registers its MQTT subscription at construction, so construct it before the link runs.
+    """
+
+    def __init__(
+        self,
+        topics: Topics,
+        link: BrokerLink,
+        verifier: Verifier,
+        context: CommandContext,
+        publisher: Publisher,
+        *,
+        clock: Clock,
+        armed: set[str] | frozenset[str] = frozenset(),
+        heavy_limits: RateLimiter,
+        request_limits: RateLimiter | None = None,
+        limits: CommandLimits = CommandLimits(),
+        local_socket: Path | None = None,
+        redactor: Redactor | None = None,
+    ) -> None:
+        self._topics = topics
+        self._link = link
+        self._verifier = verifier
+        self._ctx = context
+        self._publisher = publisher
+        self._clock = clock
+        self.armed = frozenset(armed)
+        unknown = self.armed - {n for n, s in CATALOG.items() if s.risk is Risk.DANGEROUS}
+        if unknown:
+            logger.warning("commands: armed lists non-dangerous commands %s", sorted(unknown))
+        self._heavy = heavy_limits
+        self._requests = request_limits or RateLimiter(
+            limits.request_rate_per_s, limits.request_burst, clock.monotonic
+        )
+        self.limits = limits
+        self.local_socket = local_socket
+        self._redact = redactor or Redactor()
+        self.handlers = Handlers(context, clock=clock, open_mode=verifier.open_mode)
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue(limits.queue_size)
+        self._in_flight = 0
+        self._dangerous: str | None = None
+        self.executed: dict[str, int] = {}  # handler runs per command (tests, stats)
+        self.answered: dict[int, int] = {}  # final answers per code
+        self.dropped = 0
+        self.local_ready = asyncio.Event()
+        self._local_writers: set[asyncio.StreamWriter] = set()
+        link.subscribe(topics.cmd_filter, self.on_inbound)
+
+    # --- front ends -----------------------------------------------------------------------
+
+    def on_inbound(self, message: Inbound) -> None:
+        """The link's callback for `<root>/cmd/+`; queues the request (never blocks)."""
+        self._enqueue(self._mqtt_request(message))
+
+    async def process(self, message: Inbound) -> None:
+        """Answer one MQTT request inline: what `run()` does for each queued one."""
+        await self._process(self._mqtt_request(message))
+
+    @staticmethod
+    def _mqtt_request(message: Inbound) -> _Request:
+        return _Request(
+            "mqtt",
+            message.topic.rsplit("/", 1)[-1],
+            message.payload,
+            response_topic=message.response_topic,
+            correlation=message.correlation_data,
+        )
+
+    def _enqueue(self, request: _Request) -> bool:
+        try:
+            self._queue.put_nowait(request)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                logger.warning("commands: request queue full; %d dropped", self.dropped)
+            return False
+        return True
+
+    async def run(self) -> None:
+        """Serve until cancelled: the request queue, and the local socket when configured."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                if self.local_socket is not None:
+                    tg.create_task(self._serve_local(self.local_socket), name="cmd-local")
+                while True:
+                    request = await self._queue.get()
+                    tg.create_task(self._process(request), name=f"cmd:{request.topic_cmd}")
+        finally:
+            self.handlers.close()
+
+    # --- the pipeline ---------------------------------------------------------------------
+
+    async def _process(self, req: _Request) -> None:
+        """Answer one request exactly once (a 202 may come first)."""
+        self._in_flight += 1
+        after: Callable[[], None] | None = None
+        try:
+            if self._in_flight > self.limits.max_in_flight:
+                final = self._response(
+                    req, None, Status.RATE_LIMITED, error="too many requests in flight"
+                )
+                kid: str | None = None
+            else:
+                final, kid, after = await self._execute(req)
+            await self._answer(req, final, final=True)
+            self._audit(req, final, kid)
+        finally:
+            self._in_flight -= 1
+            if req.done is not None and not req.done.done():
+                req.done.set_result(None)
+        if after is not None:
+            after()  # crash/restart: after the answer; may raise into the TaskGroup (crash)
+
+    async def _execute(
+        self, req: _Request
+    ) -> tuple[p.CommandResponse, str | None, Callable[[], None] | None]:
+        jti: str | None = None
+        kid: str | None = None
+        try:
+            if req.local is not None:
+                verified = req.local
+            else:
+                verified = self._verifier.verify(req.topic_cmd or "", req.payload)
+            jti, kid = verified.jti, verified.kid
+            spec = get_spec(verified.cmd)
+            args = decode_args(spec, verified.args)
+            self._admit(spec, verified)
+        except CommandError as exc:
+            jti = exc.jti or jti
+            kid = exc.kid or kid
+            return self._response(req, jti, exc.code, error=exc.message), kid, None
+        dangerous = spec.risk is Risk.DANGEROUS
+        if dangerous:
+            self._dangerous = spec.name
+        try:
+            if spec.name in self.limits.accept_first:
+                accepted = self._response(req, jti, Status.ACCEPTED, result={"accepted": True})
+                await self._answer(req, accepted, final=False)
+            code, result, error, after = await self._run_handler(spec, args)
+        finally:
+            if dangerous:
+                self._dangerous = None
+        return self._response(req, jti, code, result=result, error=error), kid, after
+
+    def _admit(self, spec: CommandSpec, cmd: VerifiedCommand) -> None:
+        def fail(code: Status, message: str) -> CommandError:
+            return CommandError(code, message, jti=cmd.jti, kid=cmd.kid)
+
+        if spec.risk is Risk.DANGEROUS and spec.name not in self.armed:
+            raise fail(Status.FORBIDDEN, f"{spec.name} is not armed on this device")
+        if spec.refuses_during_call and not cmd.may_force and self._ctx.call_active():
+            raise fail(Status.BUSY, f"a call is active; {spec.name} refused")
+        if spec.risk is Risk.DANGEROUS and self._dangerous is not None:
+            raise fail(Status.BUSY, f"busy: {self._dangerous} is running")
+        key = cmd.kid or "open"
+        if not self._requests.try_acquire(key):
+            raise fail(Status.RATE_LIMITED, f"rate limited: too many requests from {key!r}")
+        if spec.heavy and not self._heavy.try_acquire(spec.name):
+            wait = self._heavy.retry_after(spec.name)
+            raise fail(Status.RATE_LIMITED, f"rate limited: {spec.name} again in {wait:.0f} s")
+
+    async def _run_handler(
+        self, spec: CommandSpec, args: msgspec.Struct
+    ) -> tuple[int, Any, str | None, Callable[[], None] | None]:
+        self.executed[spec.name] = self.executed.get(spec.name, 0) + 1
+        handler = self.handlers.table[spec.name]
+        try:
+            async with asyncio.timeout(spec.timeout_s) as scope:
+                result = await handler(args)
+        except CommandError as exc:
+            return exc.code, None, exc.message, None
+        except TimeoutError:
+            if scope.expired():
+                logger.warning("commands: %s timed out after %.0f s", spec.name, spec.timeout_s)
+                return Status.INTERNAL, None, f"timed out after {spec.timeout_s:.0f} s", None
+            logger.exception("commands: %s failed", spec.name)
+            return Status.INTERNAL, None, "internal error: TimeoutError", None
+        except Exception as exc:  # the command boundary: answer, never crash
+            logger.exception("commands: %s failed", spec.name)
+            return Status.INTERNAL, None, f"internal error: {type(exc).__name__}: {exc}", None
+        if isinstance(result, AfterReply):
+            return Status.OK, result.result, None, result.action
+        return Status.OK, result, None, None
+
+    # --- answers --------------------------------------------------------------------------
+
+    def _response(
+        self,
+        req: _Request,
+        jti: str | None,
+        code: int,
+        *,
+        result: Any = None,
+        error: str | None = None,
+    ) -> p.CommandResponse:
+        name = req.topic_cmd if req.topic_cmd and _CMD_NAME_RE.fullmatch(req.topic_cmd) else None
+        truncated: bool | None = None
+        if result is not None:
+            result = self._redact(result)
+            budget = self.limits.max_output_bytes - 1024  # the envelope
+            result, cut = fit_output(result, budget)
+            truncated = True if cut else None
+        if error is not None:
+            error = self._redact.text(error)[:2000]
+        return p.CommandResponse(
+            v=p.PROTOCOL_VERSION,
+            device=self._topics.device_id,
+            ts=self._publisher.ts(),
+            id=jti,
+            cmd=name,
+            ok=200 <= code < 300,
+            code=int(code),
+            result=result,
+            error=error,
+            truncated=truncated,
+        )
+
+    def response_topic(self, req: _Request, jti: str | None) -> str:
+        """Where the answer to `req` goes (see the module docstring)."""
+        prefix = f"{self._topics.root}/cmd-res/"
+        rt = req.response_topic
+        if (
+            rt is not None
+            and rt.startswith(prefix)
+            and len(rt) <= 512
+            and len(rt) > len(prefix)
+            and not any(ch in rt for ch in "+#\x00")
+        ):
+            return rt
+        if rt is not None:
+            logger.warning("commands: response topic %.80r refused; using cmd-res", rt)
+        return self._topics.cmd_res(jti if jti and _JTI_RE.fullmatch(jti) else "invalid")
+
+    async def _answer(self, req: _Request, response: p.CommandResponse, *, final: bool) -> None:
+        if final:
+            self.answered[response.code] = self.answered.get(response.code, 0) + 1
+        if req.sink is not None:
+            await req.sink(response, final)
+            return
+        topic = self.response_topic(req, response.id)
+        correlation = req.correlation if req.response_topic == topic else None
+        try:
+            await self._link.publish(topic, p.encode(response), qos=1, correlation_data=correlation)
+        except BrokerUnavailable as exc:
+            logger.warning("commands: answer to %s lost: %s", response.id, exc)
+
+    def _audit(self, req: _Request, response: p.CommandResponse, kid: str | None) -> None:
+        level: p.Level = "info" if response.ok else "warning"
+        self._publisher.event(
+            level,
+            "cmd",
+            f"{response.cmd or '?'} -> {response.code}",
+            data={
+                "kid": kid,
+                "cmd": response.cmd,
+                "code": response.code,
+                "id": response.id,
+                "via": req.via,
+            },
+        )
+
+    # --- local socket ---------------------------------------------------------------------
+
+    async def _serve_local(self, path: Path) -> None:
+        _prepare_socket_dir(path)
+        server = await asyncio.start_unix_server(
+            self._on_local, path=str(path), limit=MAX_LOCAL_LINE
+        )
+        os.chmod(path, 0o600)
+        logger.info("commands: local socket %s", path)
+        self.local_ready.set()
+        try:
+            await asyncio.Future()  # until cancelled
+        finally:
+            self.local_ready.clear()
+            server.close()
+            for w in list(self._local_writers):
+                w.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    async def _on_local(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._local_writers.add(writer)
+        lock = asyncio.Lock()
+
+        async def sink(response: p.CommandResponse, _final: bool) -> None:
+            async with lock:
+                writer.write(p.encode(response) + b"\n")
+                await writer.drain()
+
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (asyncio.LimitOverrunError, ValueError):
+                    req = _Request("local", None, sink=sink)
+                    await self._local_error(req, Status.TOO_LARGE, "line over 64 KiB")
+                    return
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                req = self._parse_local(line, sink)
+                if req.local is None:
+                    await self._local_error(req, Status.BAD_REQUEST, 'expected {"cmd", "args"}')
+                    continue
+                req.done = asyncio.get_running_loop().create_future()
+                if not self._enqueue(req):
+                    await self._local_error(req, Status.RATE_LIMITED, "request queue full")
+                    continue
+                await req.done
+        except (ConnectionError, OSError) as exc:
+            logger.debug("commands: local client gone: %s", exc)
+        finally:
+            self._local_writers.discard(writer)
+            writer.close()
+
+    def _parse_local(self, line: bytes, sink: ReplySink) -> _Request:
+        """A trusted request from one JSON line; without `local` when malformed."""
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            obj = None
+        cmd = obj.get("cmd") if isinstance(obj, dict) else None
+        args = obj.get("args", {}) if isinstance(obj, dict) else None
+        rid = obj.get("id") if isinstance(obj, dict) else None
+        if not isinstance(rid, str) or not _JTI_RE.fullmatch(rid):
+            rid = f"local-{uuid.uuid4().hex[:16]}"
+        if not isinstance(cmd, str) or not isinstance(args, dict):
+            return _Request("local", cmd if isinstance(cmd, str) else None, sink=sink)
+        now = int(self._clock.time())
+        verified = VerifiedCommand(
+            jti=rid,
+            kid="local",
+            cmd=cmd,
+            args=args,
+            iat=now,
+            exp=now,
+            may_force=True,  # a technician on site may act during a call
+            roles=_ALL_ROLES,
+        )
+        return _Request("local", cmd, local=verified, sink=sink)
+
+    async def _local_error(self, req: _Request, code: Status, message: str) -> None:
+        response = self._response(req, None, code, error=message)
+        await self._answer(req, response, final=True)
+        self._audit(req, response, "local")
+
+
+def _prepare_socket_dir(path: Path) -> None:
+    """Parent directory 0700 when we create it; a stale socket file is removed."""
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(parents=True, mode=0o700)
+        os.chmod(parent, 0o700)  # mkdir's mode is masked by the umask
+    elif parent.stat().st_mode & 0o077:
+        logger.warning("commands: %s is accessible to others; the socket is 0600", parent)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISSOCK(st.st_mode):
+        path.unlink()
+    else:
+        raise FileExistsError(f"{path} exists and is not a socket")
+
+
+def build_command_server(
+    *,
+    device_id: str,
+    topics: Topics,
+    link: BrokerLink,
+    publisher: Publisher,
+    context: CommandContext,
+    clock: Clock,
+    state_dir: Path,
+    commands_mode: str,
+    keys_file: Path | None,
+    max_token_lifetime_s: int,
+    armed: list[str],
+    local_socket: Path | None,
+    known_secrets: list[str | None] = [],  # noqa: B006 - read only
+    limits: CommandLimits = CommandLimits(),
+) -> CommandServer:
+    """The server with its verifier, replay cache and persisted limits, from settings."""
+    keys: dict[str, TrustedKey] = {}
+    if keys_file is not None:
+        keys = load_keys_file(keys_file)
+    elif commands_mode != "open":
+        logger.warning("commands: no keys_file; every signed command will be refused (401)")
+    replay = ReplayCache(state_dir / "replay.sqlite3", clock.time)
+    verifier = Verifier(
+        device_id,
+        keys,
+        max_lifetime_s=max_token_lifetime_s,
+        replay=replay,
+        clock=clock.time,
+        open_mode=commands_mode == "open",
+        clock_synced=context.clock_synced,
+    )
+    heavy = RateLimiter(
+        limits.heavy_rate_per_s,
+        limits.heavy_burst,
+        clock.time,
+        path=state_dir / "cmd-ratelimit.json",
+    )
+    return CommandServer(
+        topics,
+        link,
+        verifier,
+        context,
+        publisher,
+        clock=clock,
+        armed=set(armed),
+        heavy_limits=heavy,
+        limits=limits,
+        local_socket=local_socket,
+        redactor=Redactor(known_secrets),
+    )
