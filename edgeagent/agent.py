@@ -301,8 +301,8 @@ class Agent:
                 **self._base(),
                 seq=seq,
                 name=c.name,
-                state=c.state,  # type: ignore[arg-type]
-                severity=c.severity,  # type: ignore[arg-type]
+                state=c.state,  # type: ignore[arg-type,unused-ignore]
+                severity=c.severity,  # type: ignore[arg-type,unused-ignore]
                 value=c.value,
                 threshold=c.threshold,
                 message=c.message,
