@@ -95,6 +95,12 @@ class Publisher:
         self._wake.set()
         return seq
 
+    def spool_bytes(self, topic: str, build: Callable[[int], bytes]) -> int:
+        """Commit an already-encoded payload (OTLP/JSON traces) with the next seq."""
+        seq = self._spool.put(topic, build)
+        self._wake.set()
+        return seq
+
     def event(
         self,
         level: p.Level,
