@@ -149,34 +149,15 @@ class AlsaCapture:
         return item
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        failed: asyncio.Future[AudioDeviceError] = loop.create_future()
-        pcm = await asyncio.to_thread(
-            _open_pcm,
+        await _run_pcm_thread(
+            "capture",
             self.device,
             alsaaudio.PCM_CAPTURE,
-            self._rate,
-            self._channels,
-            self._period_frames,
-            self._periods,
+            (self._rate, self._channels, self._period_frames, self._periods),
+            paced=self._paced,
+            opened=self._opened,
+            body=self._read_loop,
         )
-        stop = threading.Event()
-        thread = threading.Thread(
-            target=self._read_loop,
-            args=(pcm, loop, stop, failed),
-            name=f"alsa-capture-{self.device}",
-            daemon=True,
-        )
-        thread.start()
-        logger.info("capture %s: opened (paced=%s)", self.device, self._paced)
-        self._opened.set()
-        try:
-            exc = await failed
-            raise exc
-        finally:
-            stop.set()
-            await asyncio.to_thread(thread.join)
-            self._opened.clear()
 
     def _deliver(self, frame: CapturedFrame) -> None:
         while self._queue.qsize() >= self._queue_frames:
@@ -285,34 +266,15 @@ class AlsaPlayback:
         await self._opened.wait()
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        failed: asyncio.Future[AudioDeviceError] = loop.create_future()
-        pcm = await asyncio.to_thread(
-            _open_pcm,
+        await _run_pcm_thread(
+            "playback",
             self.device,
             alsaaudio.PCM_PLAYBACK,
-            self._rate,
-            self._channels,
-            self._period_frames,
-            self._periods,
+            (self._rate, self._channels, self._period_frames, self._periods),
+            paced=self._paced,
+            opened=self._opened,
+            body=self._write_loop,
         )
-        stop = threading.Event()
-        thread = threading.Thread(
-            target=self._write_loop,
-            args=(pcm, loop, stop, failed),
-            name=f"alsa-playback-{self.device}",
-            daemon=True,
-        )
-        thread.start()
-        logger.info("playback %s: opened (paced=%s)", self.device, self._paced)
-        self._opened.set()
-        try:
-            exc = await failed
-            raise exc
-        finally:
-            stop.set()
-            await asyncio.to_thread(thread.join)
-            self._opened.clear()
 
     def _fail(self, exc: AudioDeviceError, failed: asyncio.Future[AudioDeviceError]) -> None:
         logger.error("playback %s: %s", self.device, exc.reason)
@@ -354,6 +316,44 @@ class AlsaPlayback:
         finally:
             with contextlib.suppress(alsaaudio.ALSAAudioError):
                 pcm.close()
+
+
+_PcmLoop = Callable[
+    [Any, asyncio.AbstractEventLoop, threading.Event, "asyncio.Future[AudioDeviceError]"], None
+]
+
+
+async def _run_pcm_thread(
+    kind: str,
+    device: str,
+    pcm_type: int,
+    params: tuple[int, int, int, int],
+    *,
+    paced: bool,
+    opened: asyncio.Event,
+    body: _PcmLoop,
+) -> None:
+    """Open the PCM and run `body` on its own thread until it reports a failure.
+
+    Raises the AudioDeviceError the thread reported (or the open failure);
+    on cancellation stops the thread and waits for it to close the PCM.
+    """
+    loop = asyncio.get_running_loop()
+    failed: asyncio.Future[AudioDeviceError] = loop.create_future()
+    pcm = await asyncio.to_thread(_open_pcm, device, pcm_type, *params)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=body, args=(pcm, loop, stop, failed), name=f"alsa-{kind}-{device}", daemon=True
+    )
+    thread.start()
+    logger.info("%s %s: opened (paced=%s)", kind, device, paced)
+    opened.set()
+    try:
+        raise await failed
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join)
+        opened.clear()
 
 
 def probe_devices(capture: str, playback: str) -> None:
