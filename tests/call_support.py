@@ -93,3 +93,30 @@ async def until(cond: Callable[[], Any], timeout: float = 15.0, step: float = 0.
         while not (value := cond()):
             await asyncio.sleep(step)
         return value
+
+
+# --- reading what a device published (messages from agent_support.collector) ----------
+
+
+def summaries(messages: list[Any], device: str) -> list[dict[str, Any]]:
+    """Call summaries published by `device`, in arrival order."""
+    return [
+        m.json()
+        for m in messages
+        if m.topic.startswith(f"edge/v1/{device}/calls/") and m.topic.endswith("/summary")
+    ]
+
+
+def events(messages: list[Any], device: str) -> list[dict[str, Any]]:
+    """Events published by `device`, in arrival order."""
+    return [m.json() for m in messages if m.topic == f"edge/v1/{device}/events"]
+
+
+def categories(messages: list[Any], device: str) -> list[str]:
+    """The category of each event published by `device`."""
+    return [e["category"] for e in events(messages, device)]
+
+
+def alerts(messages: list[Any], device: str, name: str) -> list[dict[str, Any]]:
+    """Every retained state published for alert `name` by `device`."""
+    return [m.json() for m in messages if m.topic == f"edge/v1/{device}/alerts/{name}"]

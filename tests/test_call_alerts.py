@@ -8,14 +8,17 @@ import numpy as np
 import pytest
 from agent_support import collector
 from alsa_support import tone
-from call_support import alsa_env, echo_peer, endpoint_config, running, until
+from call_support import (
+    alerts,
+    alsa_env,
+    echo_peer,
+    endpoint_config,
+    running,
+    until,
+)
 from schema_support import assert_valid
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
-
-
-def alerts(messages: list, device: str, name: str) -> list[dict]:  # type: ignore[type-arg]
-    return [m.json() for m in messages if m.topic == f"edge/v1/{device}/alerts/{name}"]
 
 
 async def test_dead_microphone_fires_no_audio_within_5_s(

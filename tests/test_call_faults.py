@@ -9,23 +9,19 @@ from pathlib import Path
 import pytest
 from agent_support import collector
 from alsa_support import tone
-from call_support import alsa_env, echo_peer, endpoint_config, running, until
+from call_support import (
+    alsa_env,
+    echo_peer,
+    endpoint_config,
+    events,
+    running,
+    summaries,
+    until,
+)
 from gpiozero.pins.mock import MockFactory
 from schema_support import assert_valid
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
-
-
-def summaries(messages: list, device: str) -> list[dict]:  # type: ignore[type-arg]
-    return [
-        m.json()
-        for m in messages
-        if m.topic.startswith(f"edge/v1/{device}/calls/") and m.topic.endswith("/summary")
-    ]
-
-
-def events(messages: list, device: str) -> list[dict]:  # type: ignore[type-arg]
-    return [m.json() for m in messages if m.topic == f"edge/v1/{device}/events"]
 
 
 class LedLog:

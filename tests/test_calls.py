@@ -7,22 +7,18 @@ from pathlib import Path
 import pytest
 from agent_support import collector
 from alsa_support import active, level_dbfs, peak_hz, read_raw, tone
-from call_support import alsa_env, echo_peer, endpoint_config, running, until
+from call_support import (
+    alsa_env,
+    categories,
+    echo_peer,
+    endpoint_config,
+    running,
+    summaries,
+    until,
+)
 from schema_support import assert_valid
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
-
-
-def summaries(messages: list, device: str) -> list[dict]:  # type: ignore[type-arg]
-    return [
-        m.json()
-        for m in messages
-        if m.topic.startswith(f"edge/v1/{device}/calls/") and m.topic.endswith("/summary")
-    ]
-
-
-def categories(messages: list, device: str) -> list[str]:  # type: ignore[type-arg]
-    return [m.json()["category"] for m in messages if m.topic == f"edge/v1/{device}/events"]
 
 
 async def test_two_agents_call_each_other_with_audio_both_ways(
