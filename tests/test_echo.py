@@ -16,32 +16,11 @@ import pytest
 
 from edgeagent.audio.checks import AudioIssueChanged
 from edgeagent.audio.echo import EchoDetector
+from edgeagent.audio.synth import speech_like
 
 FS = 48000
 FRAME = 960
 F = npt.NDArray[np.float64]
-
-
-def speech_like(seconds: float, seed: int, level_dbfs: float = -26.0) -> F:
-    rng = np.random.default_rng(seed)
-    n = int(seconds * FS)
-    t = np.arange(n) / FS
-    knots = np.arange(0.0, seconds + 0.2, 0.1)
-    f0 = np.interp(t, knots, rng.uniform(90.0, 220.0, knots.size))
-    f0 *= 1.0 + 0.01 * rng.standard_normal(n)
-    pulses = np.diff(np.floor(np.cumsum(f0) / FS), prepend=0.0)
-    excitation = pulses * 8.0 + rng.standard_normal(n) * 0.4
-    f = np.fft.rfftfreq(n, 1 / FS)
-    shape = np.where((f > 100) & (f < 3800), 1.0, 0.0) / (1.0 + (f / 700.0) ** 1.2)
-    voiced = np.fft.irfft(np.fft.rfft(excitation) * shape, n)
-    syllables = int(seconds * 4) + 1
-    amp = np.where(rng.random(syllables) < 0.25, 0.0, rng.uniform(0.3, 1.0, syllables))
-    seg = FS // 4
-    env = (np.repeat(amp, seg) * np.tile(np.hanning(seg), syllables))[:n]
-    s = voiced * env
-    rms = np.sqrt(np.mean(s[env > 0.05] ** 2))
-    out: F = s * (10 ** (level_dbfs / 20) * 32768 / rms)
-    return out
 
 
 def room_ir(seed: int, drr_db: float = 3.0, tau_s: float = 0.02, length_s: float = 0.08) -> F:
