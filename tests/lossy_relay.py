@@ -6,15 +6,26 @@ the other lives at one of the relay's ports. Packets that reach port `to_a`
 came from B and go on to A, and the other way round. Loss applies only to
 RTP (not STUN, DTLS or RTCP), so ICE and DTLS still come up and the
 receiver's stats see RTP loss; delay and jitter apply to everything but STUN.
+
+Between two agents that signal over a real broker, `SignalingProxy` does the
+candidate rewriting: A dials B's alias, the proxy forwards the offer to B as
+if from A's alias (with A's candidates pointing at the relay) and B's answer
+back to A the same way, so the media of a normal agent-to-agent call crosses
+the relay. The loss can be changed mid-call (`Direction.loss`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import random
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import aiomqtt
 
 _CANDIDATE = re.compile(r"^(a=candidate:\S+ \d+ udp \d+ 127\.0\.0\.1 )(\d+)( typ host.*)$", re.I)
 
@@ -133,3 +144,83 @@ class LossyRelay:
 def _send(transport: Any, data: bytes, dest: tuple[str, int]) -> None:
     if not transport.is_closing():
         transport.sendto(data, dest)
+
+
+class SignalingProxy:
+    """Forwards protocol section 4 signaling between endpoints `a` and `b` through the relay.
+
+    `a` dials `alias_b` (and `b` may dial `alias_a`); every message to an alias
+    is re-addressed to the real endpoint, its `from` replaced by the sender's
+    alias, and the SDP of offers and answers rewritten so media goes through
+    `relay`. `forwarded` counts messages by type.
+    """
+
+    def __init__(
+        self,
+        relay: LossyRelay,
+        broker_port: int,
+        *,
+        a: str,
+        b: str,
+        prefix: str = "edge/v1",
+    ) -> None:
+        self.relay = relay
+        self.port = broker_port
+        self.a, self.b = a, b
+        self.alias_a, self.alias_b = f"{a}-via", f"{b}-via"
+        self.prefix = prefix
+        self.forwarded: dict[str, int] = {}
+        self.ready = asyncio.Event()
+
+    def _route(self, to_alias: str, msg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        if to_alias == self.alias_b:  # from A to B
+            dest, sender, relay_port = self.b, self.alias_a, self.relay.port("to_a")
+            sdp = msg.get("sdp")
+            if sdp:
+                self.relay.a_addr = ("127.0.0.1", candidate_port(sdp))
+        else:
+            dest, sender, relay_port = self.a, self.alias_b, self.relay.port("to_b")
+            sdp = msg.get("sdp")
+            if sdp:
+                self.relay.b_addr = ("127.0.0.1", candidate_port(sdp))
+        out = dict(msg, to=dest)
+        out["from"] = sender
+        if sdp:
+            out["sdp"] = rewrite_candidates(sdp, relay_port)
+        return f"{self.prefix}/{dest}/signal", out
+
+    async def run(self) -> None:
+        """Forward until cancelled."""
+        async with aiomqtt.Client("127.0.0.1", self.port) as client:
+            for alias in (self.alias_a, self.alias_b):
+                await client.subscribe(f"{self.prefix}/{alias}/signal", qos=1)
+            self.ready.set()
+            async for message in client.messages:
+                alias = str(message.topic).split("/")[-2]
+                payload = message.payload
+                if not isinstance(payload, bytes | bytearray):
+                    continue
+                msg = json.loads(payload)
+                topic, out = self._route(alias, msg)
+                kind = str(msg.get("type"))
+                self.forwarded[kind] = self.forwarded.get(kind, 0) + 1
+                await client.publish(topic, json.dumps(out).encode(), qos=1)
+
+
+@contextlib.asynccontextmanager
+async def lossy_link(
+    broker_port: int, *, a: str, b: str, a_to_b: Direction, b_to_a: Direction
+) -> AsyncIterator[tuple[LossyRelay, SignalingProxy]]:
+    """A relay and a signaling proxy between agents `a` and `b`; `a` dials `proxy.alias_b`."""
+    relay = LossyRelay(a_to_b, b_to_a)
+    await relay.start()
+    proxy = SignalingProxy(relay, broker_port, a=a, b=b)
+    task = asyncio.create_task(proxy.run())
+    try:
+        await asyncio.wait_for(proxy.ready.wait(), 10)
+        yield relay, proxy
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await task
+        relay.close()

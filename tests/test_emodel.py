@@ -8,14 +8,17 @@ import pytest
 
 from edgeagent.quality.emodel import (
     BPL,
+    BPL_FADE,
     BPL_OPUS_PLC,
     BPL_OPUS_PLC_FEC,
     BPL_SILENCE_ON_LOSS,
+    OPUS_IE_POINTS,
     LossHandling,
     delay_impairment,
     effective_equipment_impairment,
     mos_from_r,
     one_way_delay_ms,
+    opus_ie,
     r_factor,
 )
 
@@ -69,3 +72,29 @@ def test_one_way_delay_is_built_from_measured_parts() -> None:
         pytest.approx(50 + 80 + 20 + 6.5 + 30)
     )
     assert one_way_delay_ms(0.0, 0.0, device_ms=0.0) == pytest.approx(26.5)
+
+
+def test_fade_concealment_sits_between_silence_and_fec() -> None:
+    assert BPL[LossHandling.FADE] == BPL_FADE
+    assert BPL_SILENCE_ON_LOSS < BPL_FADE < BPL_OPUS_PLC_FEC
+    fade = r_factor(60.0, 5.0, bpl=BPL_FADE)
+    assert r_factor(60.0, 5.0, bpl=BPL_SILENCE_ON_LOSS) < fade < r_factor(60.0, 5.0, bpl=33.0)
+
+
+def test_opus_ie_interpolates_the_measured_points_and_clamps() -> None:
+    for kbps, ie in OPUS_IE_POINTS:
+        assert opus_ie(kbps) == pytest.approx(ie)
+    assert opus_ie(28.0) == pytest.approx((29.9 + 24.6) / 2)
+    assert opus_ie(6.0) == OPUS_IE_POINTS[0][1]
+    assert opus_ie(510.0) == OPUS_IE_POINTS[-1][1]
+    values = [opus_ie(k) for k in range(8, 80, 2)]
+    assert all(a >= b for a, b in itertools.pairwise(values))
+
+
+def test_our_receiver_model_matches_the_bench_pesq_table() -> None:
+    """bench/mos_vs_pesq.py real calls (PESQ NB): the model stays within 0.3 of each point."""
+    d = one_way_delay_ms(rtt_ms=1.0, playout_ms=50.0)
+    table = [(0.0, 3.57), (1.37, 3.38), (2.49, 3.14), (5.99, 2.57), (10.59, 1.78), (20.85, 1.45)]
+    for loss, pesq_nb in table:
+        mos = mos_from_r(r_factor(d, loss, ie=opus_ie(32.0), bpl=BPL_FADE))
+        assert abs(mos - pesq_nb) <= 0.3, (loss, mos, pesq_nb)

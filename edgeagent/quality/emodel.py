@@ -7,6 +7,7 @@ Deliberately not the lenient `rtt + 2*jitter + 10` shortcut.
 
 from __future__ import annotations
 
+import bisect
 from enum import StrEnum
 
 R_MAX = 93.2
@@ -14,6 +15,17 @@ R_MAX = 93.2
 
 BPL_SILENCE_ON_LOSS = 6.0
 """Opus receiver that plays a lost frame as silence or skips it (aiortc as shipped)."""
+BPL_FADE = 14.6
+"""Our receive path: no decoder PLC (PyAV cannot ask libopus for it), the playout
+buffer repeats the last good frame fading out over 3 frames, then silence.
+
+Fitted the way quality.md's Bpl values were (P.834 style: PESQ NB of libopus
+output under seeded random loss, Ie_eff = 93.2 - R(PESQ), Bpl solved from
+Ie_eff = Ie + (95 - Ie) Ppl / (Ppl + Bpl)): our `MonoOpusEncoder` at 32 kbit/s,
+decoded and played through `PlayoutBuffer`, 1-20 % loss x 3 seeds, median of 15
+fits (11-33, most 12-18). `bench/mos_vs_pesq.py --derive` repeats the fit; the
+real-call table of that bench (other seeds, real calls) validates it.
+"""
 BPL_OPUS_PLC = 12.0
 """Opus with packet-loss concealment."""
 BPL_OPUS_PLC_FEC = 33.0
@@ -28,6 +40,7 @@ class LossHandling(StrEnum):
     """What the receiving decoder does with a lost frame."""
 
     SILENCE = "silence"
+    FADE = "fade"
     OPUS_PLC = "opus_plc"
     OPUS_PLC_FEC = "opus_plc_fec"
     G711_PLC = "g711_plc"
@@ -36,6 +49,7 @@ class LossHandling(StrEnum):
 
 BPL: dict[LossHandling, float] = {
     LossHandling.SILENCE: BPL_SILENCE_ON_LOSS,
+    LossHandling.FADE: BPL_FADE,
     LossHandling.OPUS_PLC: BPL_OPUS_PLC,
     LossHandling.OPUS_PLC_FEC: BPL_OPUS_PLC_FEC,
     LossHandling.G711_PLC: BPL_G711_PLC,
@@ -46,6 +60,35 @@ OPUS_CODEC_MS = 6.5
 """Opus algorithmic delay (lookahead), default frame size."""
 DEFAULT_DEVICE_MS = 20.0
 """Capture + playback device buffers when not measured (one 10 ms ALSA period each side)."""
+
+
+OPUS_IE_POINTS: tuple[tuple[float, float], ...] = (
+    (16.0, 34.5),
+    (24.0, 29.9),
+    (32.0, 24.6),
+    (48.0, 14.6),
+    (64.0, 9.7),
+)
+"""(kbit/s, Ie) of our `MonoOpusEncoder` (voip, mono, 20 ms, complexity 5, in-band FEC
+with a 10 % loss hint), from PESQ NB at 0 % loss: Ie = 93.2 - R(MOS-LQO).
+
+quality.md's "Ie about 0 for Opus at 24 kbit/s or more" does not hold for this
+encoder setting: complexity 5 and FEC (whose redundancy our receiver cannot
+use) cost quality, e.g. 32 kbit/s gives PESQ NB 3.53 (3.77 without FEC, 3.90 at
+complexity 10, 4.43 at 64 kbit/s without FEC at complexity 10).
+"""
+
+
+def opus_ie(bitrate_kbps: float) -> float:
+    """Ie of our Opus encoder at `bitrate_kbps`, interpolated in OPUS_IE_POINTS (clamped ends)."""
+    rates = [r for r, _ in OPUS_IE_POINTS]
+    if bitrate_kbps <= rates[0]:
+        return OPUS_IE_POINTS[0][1]
+    if bitrate_kbps >= rates[-1]:
+        return OPUS_IE_POINTS[-1][1]
+    i = bisect.bisect_right(rates, bitrate_kbps)
+    (r0, ie0), (r1, ie1) = OPUS_IE_POINTS[i - 1], OPUS_IE_POINTS[i]
+    return ie0 + (ie1 - ie0) * (bitrate_kbps - r0) / (r1 - r0)
 
 
 def one_way_delay_ms(

@@ -1,0 +1,160 @@
+"""Quality alerts from real calls: injected loss fires and resolves MOS and loss alerts; clipping.
+
+Two in-process agents over a real mosquitto; their media crosses the user-space
+lossy relay (the signaling proxy rewrites the SDP candidates), whose loss the
+test changes mid-call. Everything is awaited on broker messages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from agent_support import collector
+from alsa_support import RATE, tone
+from call_support import alsa_env, echo_peer, endpoint_config, running, until
+from lossy_relay import Direction, lossy_link
+from schema_support import assert_valid
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+# Short durations through the config, as an operator would override the built-ins.
+FAST_RULES = """
+[alerts]
+[[alerts.rules]]
+name = "mos_low"
+for_s = 1.0
+clear_for_s = 1.0
+[[alerts.rules]]
+name = "loss_high"
+for_s = 1.0
+clear_for_s = 1.0
+"""
+SEAMS: dict[str, Any] = {"install_crash_hooks": False}
+
+
+def alerts(messages: list[Any], device: str, name: str, state: str) -> list[dict[str, Any]]:
+    return [
+        m.json()
+        for m in messages
+        if m.topic == f"edge/v1/{device}/alerts/{name}" and m.json()["state"] == state
+    ]
+
+
+def quality(messages: list[Any], device: str) -> list[dict[str, Any]]:
+    prefix = f"edge/v1/{device}/calls/"
+    return [m.json() for m in messages if m.topic.startswith(prefix) and "/quality" in m.topic]
+
+
+async def test_injected_loss_lowers_mos_fires_mos_and_loss_alerts_and_resolves_them(
+    tmp_path: Path,
+    broker: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(
+        tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 60, -20.0), extra=FAST_RULES
+    )
+    cfg_b = endpoint_config(
+        tmp_path, broker.port, "dev-b", alsa, mic=tone(1000, 60, -20.0), extra=FAST_RULES
+    )
+    async with (
+        collector(broker.port, "edge/v1/#") as c,
+        lossy_link(
+            broker.port,
+            a="dev-a",
+            b="dev-b",
+            a_to_b=Direction(loss=0.2, seed=3),
+            b_to_a=Direction(loss=0.2, seed=4),
+        ) as (relay, proxy),
+        running(cfg_b, **SEAMS),
+        running(cfg_a, **SEAMS) as a,
+    ):
+        call = await a.calls_mgr.dial(proxy.alias_b)
+        fired = {
+            name: (
+                await c.wait_for(
+                    lambda ms, n=name: alerts(ms, "dev-a", n, "firing"),  # type: ignore[misc]
+                    timeout=20,
+                )
+            )[0]
+            for name in ("loss_high", "mos_low")
+        }
+        assert relay.b_to_a.rtp_dropped > 0
+        lossy = quality(c.messages, "dev-a")
+        assert fired["loss_high"]["call_id"] == call.call_id
+        assert fired["loss_high"]["value"] > 3.0
+        assert fired["mos_low"]["value"] < 3.0
+        assert fired["mos_low"]["severity"] == "warning"
+        assert any(q["loss_pct"] and q["loss_pct"] > 5 and q["mos"] < 3.0 for q in lossy)
+
+        # The loss stops mid-call: both alerts resolve while the call goes on.
+        relay.a_to_b.loss = relay.b_to_a.loss = 0.0
+        stopped_at = len(c.messages)
+        for name in ("loss_high", "mos_low"):
+            await c.wait_for(
+                lambda ms, n=name: alerts(ms[stopped_at:], "dev-a", n, "resolved"),  # type: ignore[misc]
+                timeout=20,
+            )
+        assert a.calls_mgr.active is not None and a.calls_mgr.active.call_id == call.call_id
+        resolved = {n: alerts(c.messages, "dev-a", n, "resolved")[-1] for n in fired}
+        assert resolved["loss_high"]["value"] <= 2.0
+        assert resolved["mos_low"]["value"] >= 3.2
+        clean = quality(c.messages[stopped_at:], "dev-a")
+        assert clean[-1]["loss_pct"] == 0.0
+        assert clean[-1]["mos"] > min(q["mos"] for q in lossy if q["mos"] is not None) + 1.0
+        # Each alert fired once and resolved once, in that order.
+        for name in fired:
+            states = [
+                m.json()["state"] for m in c.messages if m.topic == f"edge/v1/dev-a/alerts/{name}"
+            ]
+            assert states == ["firing", "resolved"], (name, states)
+        await a.calls_mgr.hangup()
+    for m in c.messages:
+        if "/alerts/" in m.topic or "/calls/" in m.topic:
+            assert_valid(m.topic, m.payload)
+
+
+def clipped_tone(seconds: float) -> np.ndarray:
+    """A 300 Hz sine driven 12 dB past full scale, clipped at the rails."""
+    t = np.arange(round(seconds * RATE)) / RATE
+    return np.clip(4 * 32767 * np.sin(2 * np.pi * 300 * t), -32768, 32767).astype(np.int16)
+
+
+async def test_clipping_source_fires_clipping_alert_and_event(
+    tmp_path: Path,
+    broker: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=clipped_tone(30))
+    cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa)
+    async with (
+        collector(broker.port, "edge/v1/#") as c,
+        echo_peer(cfg_e),
+        running(cfg_a, **SEAMS) as a,
+    ):
+        call = await a.calls_mgr.dial("echo")
+        await until(lambda: a.calls_mgr.active and a.calls_mgr.active.state == "active")
+        fired = await c.wait_for(lambda ms: alerts(ms, "dev-a", "clipping", "firing"), timeout=10)
+        assert fired[0]["call_id"] == call.call_id
+        events = await c.wait_for(
+            lambda ms: [
+                m.json()
+                for m in ms
+                if m.topic == "edge/v1/dev-a/events" and m.json()["category"] == "audio.clipping"
+            ]
+        )
+        assert events[0]["data"]["active"] is True
+        assert events[0]["data"]["stream"] in ("capture", "capture_raw")
+        assert events[0]["data"]["value"] > 0.1  # percent of samples at the rail
+        q = await c.wait_for(lambda ms: quality(ms, "dev-a"))
+        assert q[0]["audio"]["clipping_pct"] > 0.1
+        await a.calls_mgr.hangup()
+        summary = await c.wait_for(
+            lambda ms: [m.json() for m in ms if m.topic.endswith(f"{call.call_id}/summary")]
+        )
+        assert any(k.endswith("clipping") for k in summary[0]["audio_issues"])
+    assert not alerts(c.messages, "dev-a", "no_audio", "firing")
