@@ -14,6 +14,7 @@ import socket
 import aioice
 import aioice.ice
 import aiortc
+import aiortc.rtcicetransport
 import aiortc.rtcrtpreceiver
 import aiortc.rtcrtpsender
 import pytest
@@ -185,3 +186,11 @@ def test_pyav_cannot_run_opus_plc_so_we_conceal_ourselves() -> None:
     assert dec.decode(av.Packet(b"")) == []
     with pytest.raises(EOFError):  # an empty packet is end-of-stream, not "lost frame"
         dec.decode(av.Packet(b"\xf8\xff\xfe"))
+
+
+def test_ice_failure_reporting_internals_are_there() -> None:
+    """ice.selected_candidates and ice_failure read these; ice fails a transport via the last."""
+    conn = aioice.Connection(ice_controlling=True)
+    assert hasattr(conn, "_nominated"), DRIFT
+    assert hasattr(conn, "turn_server") and hasattr(conn, "turn_transport"), DRIFT
+    assert hasattr(aiortc.rtcicetransport.RTCIceTransport, "_RTCIceTransport__setState"), DRIFT

@@ -15,6 +15,13 @@ Facts about aiortc 1.16 / aioice 0.13 this module works around:
 - A dead STUN/TURN server holds gathering for 5 s (aioice#4); the same
   override passes our own `gather_timeout_s`.
 
+- aioice swallows a failed TURN allocation (wrong credentials, dead server)
+  and, since aiortc never signals end-of-candidates, a connection without a
+  single local candidate (relay-only with a refused TURN allocation) is
+  never started by aiortc: the call would sit until the connect timeout. The
+  override logs why and fails such a transport at once (`ice_failed`);
+  `ice_failure(pc)` gives the reason for the call's detail.
+
 Call `restrict_host_addresses(pc, ...)` before every `setLocalDescription`:
 the offerer after adding its tracks, the answerer after `setRemoteDescription`.
 """
@@ -30,12 +37,15 @@ from typing import Any
 
 import aioice.ice
 import ifaddr
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+from aioice.candidate import Candidate
+from aiortc import RTCConfiguration, RTCIceServer, RTCIceTransport, RTCPeerConnection
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
 logger = logging.getLogger(__name__)
 
 _MARK = "_edgeagent_ice_policy"
+_FAILURE = "_edgeagent_ice_failure"
+_TRANSPORT = "_edgeagent_ice_transport"
 
 
 def ice_configuration(
@@ -88,16 +98,26 @@ def resolve_host_addresses(allowed: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(result))
 
 
-def _connections(pc: RTCPeerConnection) -> list[Any]:
-    conns: list[Any] = []
+def _connections(pc: RTCPeerConnection) -> list[tuple[Any, RTCIceTransport]]:
+    """The aioice connections of `pc` (one per bundle), each with its RTCIceTransport."""
+    conns: list[tuple[Any, RTCIceTransport]] = []
     transports = [t.receiver.transport for t in pc.getTransceivers()]
     if pc.sctp is not None:
         transports.append(pc.sctp.transport)
     for dtls in transports:
         conn = dtls.transport.iceGatherer._connection
-        if all(conn is not c for c in conns):
-            conns.append(conn)
+        if all(conn is not c for c, _ in conns):
+            conns.append((conn, dtls.transport))
     return conns
+
+
+def selected_candidates(pc: RTCPeerConnection) -> tuple[Candidate, Candidate] | None:
+    """The (local, remote) candidates of the pair ICE nominated for audio, or None yet."""
+    for conn, _ in _connections(pc):
+        pairs = list(conn._nominated.values())
+        if pairs:
+            return pairs[0].local_candidate, pairs[0].remote_candidate
+    return None
 
 
 def restrict_host_addresses(
@@ -112,9 +132,10 @@ def restrict_host_addresses(
     only applies the timeout. Returns how many ICE connections were set up.
     """
     count = 0
-    for conn in _connections(pc):
+    for conn, transport in _connections(pc):
         if getattr(conn, _MARK, None) is None:
             conn.gather_candidates = types.MethodType(_gather_candidates, conn)
+        setattr(conn, _TRANSPORT, transport)
         setattr(conn, _MARK, (tuple(allowed) if allowed is not None else None, gather_timeout_s))
         count += 1
     return count
@@ -144,3 +165,66 @@ async def _gather_candidates(conn: Any) -> None:
         conn._local_candidates += candidates
     conn._local_candidates_end = True
     logger.debug("ice: gathered %s", [c.to_sdp() for c in conn._local_candidates])
+    failure = gathering_failure(
+        relay_only=conn._transport_policy == aioice.ice.TransportPolicy.RELAY,
+        turn_server=_server_text(conn.turn_server, conn.turn_transport),
+        candidate_types=[c.type for c in conn._local_candidates],
+        host_addresses=addresses,
+        remote_has_candidates=bool(conn._components),
+    )
+    if failure is not None:
+        logger.warning("ice: %s", failure)
+        setattr(conn, _FAILURE, failure)
+        transport = getattr(conn, _TRANSPORT, None)
+        if not conn._local_candidates and transport is not None:
+            # aiortc never starts ICE without a local candidate, so the call would sit in
+            # "new" until the connect timeout: fail the transport now (-> ice_failed).
+            asyncio.get_running_loop().call_soon(_fail_transport, transport)
+
+
+def gathering_failure(
+    *,
+    relay_only: bool,
+    turn_server: str | None,
+    candidate_types: Sequence[str],
+    host_addresses: Sequence[str],
+    remote_has_candidates: bool = True,
+) -> str | None:
+    """Why the gathered candidates cannot work as configured, or None when they can.
+
+    `remote_has_candidates` is False when we answer an offer that carried none
+    (aioice then drops every component and gathers nothing).
+    """
+    if not remote_has_candidates:
+        return "the remote description has no ICE candidates (its gathering or TURN failed)"
+    if turn_server is not None and "relay" not in candidate_types:
+        why = f"TURN allocation on {turn_server} failed (credentials refused or no answer)"
+        return f"{why}; relay-only leaves no candidates" if relay_only else why
+    if not candidate_types:
+        if relay_only:
+            return "relay-only without a TURN server: no candidates"
+        return f"no local candidates (allowed host addresses: {list(host_addresses)})"
+    return None
+
+
+def _server_text(server: tuple[str, int] | None, transport: str) -> str | None:
+    return None if server is None else f"{transport}:{server[0]}:{server[1]}"
+
+
+def _fail_transport(transport: RTCIceTransport) -> None:
+    if transport.state == "new":
+        # RTCIceTransport has no public way to fail; its own start() does exactly this.
+        transport._RTCIceTransport__setState("failed")  # type: ignore[attr-defined]
+
+
+def ice_failure(pc: RTCPeerConnection) -> str | None:
+    """What gathering found wrong on `pc` (a refused TURN allocation, no candidates), if anything.
+
+    Meant as the detail of an `ice_failed` call end: the summary says ICE failed,
+    this says why.
+    """
+    for conn, _ in _connections(pc):
+        failure = getattr(conn, _FAILURE, None)
+        if failure is not None:
+            return str(failure)
+    return None
