@@ -17,11 +17,15 @@ The agent's MOS for the same direction (a -> b) is the mean of the `mos` of
 dev-b's `calls/<id>/quality` messages (dev-b is the receiver of that
 direction; one message per `call.stats_interval_s` = 1 s); the summary's
 `mos_avg` is the same figure. `a.remote_mos` is dev-a's estimate of that
-direction from RTCP receiver reports, printed for comparison. `proposed` is
-the E-model on the same published per-window figures (loss, RTT, playout
-depth) with Ie of our Opus encoder (`emodel.opus_ie`) and Bpl of our fade
-concealment (`emodel.BPL_FADE`): what the session reports once it passes
-those (it still uses Ie 0 and the silence Bpl); the target is judged on it.
+direction from RTCP receiver reports, printed for comparison. The session
+publishes the E-model with Ie of our Opus encoder (`emodel.opus_ie` at the
+configured bitrate and complexity) and Bpl of our fade concealment
+(`emodel.BPL_FADE`); the target is judged on that published MOS. `recomputed`
+is the same model applied here to the published per-window figures (loss,
+RTT, playout depth), a check that the session does what the bench expects.
+
+`--cost` prints the encoder's CPU per frame at complexity 5 and 10; `--derive`
+repeats the offline Ie/Bpl fits (edgeagent/quality/emodel.py) without a call.
 
 Which PESQ. Narrowband P.862 + P.862.1 mapping at 8 kHz is the headline: our
 E-model is G.107 with its default (narrowband, handset) parameters, whose
@@ -203,10 +207,10 @@ async def one_call(tmp: Path, port: int, signal: np.ndarray, loss: float, seed: 
 
 
 def proposed_mos(q: dict[str, Any], bitrate_kbps: float = 32.0) -> float | None:
-    """MOS of one quality message with the receiver model the session should use.
+    """MOS of one quality message recomputed with the receiver model the session uses.
 
     Same inputs the session uses (window loss, smoothed RTT, playout depth at the
-    sample), with Ie of our Opus encoder and Bpl of our fade concealment.
+    sample), with Ie of our Opus encoder (defaults) and Bpl of our fade concealment.
     """
     if q.get("loss_pct") is None:
         return None
@@ -289,18 +293,64 @@ def derive(signal: np.ndarray, seeds: tuple[int, ...] = (101, 202, 303)) -> None
         out += [playout.pull() for _ in range(5)]
         return score(np.concatenate(out), signal)[0], 100.0 * lost / len(packets)
 
-    for kbps in (16, 24, 32, 48, 64):
-        nb, _ = receive(encode(OpusSettings(bitrate_bps=kbps * 1000)), 0.0, 0)
-        print(f"derive: opus {kbps} kbit/s, 0 % loss: PESQ NB {nb:.2f} -> Ie {93.2 - r_of(nb):.1f}")
-    packets = encode(OpusSettings())
+    nb, _ = receive(encode(OpusSettings(complexity=5, expected_loss_percent=10)), 0.0, 0)
+    print(f"derive: old settings (32 kbit/s, complexity 5, fixed 10 % hint): PESQ NB {nb:.2f}")
+    for complexity in (5, 10):
+        for kbps in (16, 24, 32, 48, 64):
+            settings = OpusSettings(bitrate_bps=kbps * 1000, complexity=complexity)
+            nb, _ = receive(encode(settings), 0.0, 0)
+            print(
+                f"derive: opus {kbps} kbit/s complexity {complexity}, hint 0, 0 % loss: "
+                f"PESQ NB {nb:.2f} -> Ie {93.2 - r_of(nb):.1f}",
+                flush=True,
+            )
+    packets = encode(OpusSettings())  # the defaults: the agent's settings
     ie = 93.2 - r_of(receive(packets, 0.0, 0)[0])
     fits = []
     for loss in (0.01, 0.02, 0.05, 0.10, 0.20):
         for seed in seeds:
             nb, real = receive(packets, loss, seed)
             fits.append(bpl := solve_bpl(93.2 - r_of(nb), ie, real))
-            print(f"derive: 32 kbit/s, loss {real:4.1f} %: PESQ NB {nb:.2f} -> Bpl {bpl:.1f}")
+            print(f"derive: defaults, loss {real:4.1f} %: PESQ NB {nb:.2f} -> Bpl {bpl:.1f}")
     print(f"derive: Bpl median {statistics.median(fits):.1f} over {len(fits)} (Ie {ie:.1f})")
+
+
+def encoder_cost(signal: np.ndarray, reps: int = 5) -> None:
+    """CPU (thread time) of `MonoOpusEncoder.encode` per 20 ms frame: complexity 5 vs 10, hint 0/10.
+
+    The settings are interleaved and repeated; the minimum of `reps` runs is
+    printed (the least disturbed by the other processes on the machine), with
+    the ratio to complexity 5 / hint 0 measured in the same run.
+    """
+    import fractions
+
+    import av
+
+    from edgeagent.call.opus import MonoOpusEncoder, OpusSettings
+
+    tb = fractions.Fraction(1, RATE)
+    frames = []
+    for i in range(0, signal.size - 960, 960):
+        f = av.AudioFrame.from_ndarray(signal[i : i + 960].reshape(1, -1), "s16", "mono")
+        f.sample_rate, f.pts, f.time_base = RATE, i, tb
+        frames.append(f)
+    cases = [(5, 0), (5, 10), (10, 0), (10, 10)]
+    best: dict[tuple[int, int], float] = {}
+    for _ in range(reps):
+        for complexity, hint in cases:
+            enc = MonoOpusEncoder(OpusSettings(complexity=complexity, expected_loss_percent=hint))
+            t0 = time.thread_time()
+            for f in frames:
+                enc.encode(f)
+            us = (time.thread_time() - t0) / len(frames) * 1e6
+            best[complexity, hint] = min(us, best.get((complexity, hint), math.inf))
+    ref = best[5, 0]
+    for (complexity, hint), us in best.items():
+        print(
+            f"cost: 32 kbit/s complexity {complexity:2d}, hint {hint:2d} %: "
+            f"{us:5.0f} µs per 20 ms frame ({us / ref:.2f}x complexity 5 hint 0, "
+            f"{100 * us / 20000:.2f} % of a core)"
+        )
 
 
 def fmt(v: float | None, spec: str = ".2f") -> str:
@@ -314,6 +364,7 @@ async def main() -> None:
     parser.add_argument("--seed0", type=int, default=7)
     parser.add_argument("--bpl-fit", action="store_true")
     parser.add_argument("--derive", action="store_true", help="only the offline Ie/Bpl fit")
+    parser.add_argument("--cost", action="store_true", help="only the encoder CPU per frame")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     losses = [float(x) / 100 for x in args.loss.split(",")]
@@ -322,8 +373,11 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         base = Path(d)
         signal = speech(base)
+        if args.cost:
+            encoder_cost(signal)
         if args.derive:
             derive(signal)
+        if args.cost or args.derive:
             return
         port, ws_port = free_port(), free_port()
         conf = base / "mosquitto.conf"
@@ -333,7 +387,7 @@ async def main() -> None:
         try:
             print(f"speech {signal.size / RATE:.1f} s, E-model bpl in use: see emodel.py")
             print(
-                "loss set | relay | agent loss | agent MOS | proposed | summary | a.remote | "
+                "loss set | relay | agent loss | agent MOS | recomputed | summary | a.remote | "
                 "PESQ NB | PESQ WB | |MOS-NB| | playout ms | xcorr"
             )
             for loss in losses:
@@ -342,11 +396,11 @@ async def main() -> None:
                     run.mkdir()
                     row = await one_call(run, port, signal, loss, args.seed0 + k)
                     rows.append(row)
-                    diff = abs(row.mos_proposed - row.pesq_nb) if row.mos_proposed else None
+                    diff = abs(row.mos_agent - row.pesq_nb) if row.mos_agent else None
                     print(
                         f"{100 * row.loss_set:6.0f} % | {100 * row.loss_relay:4.1f} % | "
                         f"{fmt(row.loss_agent, '8.2f')} % | {fmt(row.mos_agent, '9.2f')} | "
-                        f"{fmt(row.mos_proposed, '8.2f')} | "
+                        f"{fmt(row.mos_proposed, '10.2f')} | "
                         f"{fmt(row.mos_summary, '7.2f')} | {fmt(row.remote_mos, '8.2f')} | "
                         f"{row.pesq_nb:7.2f} | {row.pesq_wb:7.2f} | {fmt(diff, '8.2f')} | "
                         f"{fmt(row.playout_ms, '10.0f')} | {row.confidence:5.0f}"
@@ -359,11 +413,11 @@ async def main() -> None:
         return
     published = [abs(r.mos_agent - r.pesq_nb) for r in rows if r.mos_agent is not None]
     diffs = [abs(r.mos_proposed - r.pesq_nb) for r in rows if r.mos_proposed is not None]
-    diffs_wb = [abs(r.mos_proposed - r.pesq_wb) for r in rows if r.mos_proposed is not None]
+    diffs_wb = [abs(r.mos_agent - r.pesq_wb) for r in rows if r.mos_agent is not None]
     print(
-        f"mean |proposed MOS - PESQ NB| = {statistics.fmean(diffs):.2f} (target <= 0.3); "
-        f"published agent MOS (session as it is) {statistics.fmean(published):.2f}; "
-        f"proposed against PESQ WB {statistics.fmean(diffs_wb):.2f}; "
+        f"mean |published MOS - PESQ NB| = {statistics.fmean(published):.2f} (target <= 0.3); "
+        f"recomputed {statistics.fmean(diffs):.2f}; "
+        f"published against PESQ WB {statistics.fmean(diffs_wb):.2f}; "
         f"{len(rows)} calls in {time.monotonic() - started:.0f} s"
     )
     if args.bpl_fit:

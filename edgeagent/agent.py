@@ -13,8 +13,11 @@ from importlib import metadata
 from typing import Any
 
 import msgspec
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from edgeagent import __version__
+from edgeagent.call.calltest import run_call_test
 from edgeagent.call.manager import Call, CallManager
 from edgeagent.clock import Clock, SystemClock
 from edgeagent.config import Config, config_hash
@@ -46,6 +49,12 @@ from edgeagent.telemetry.breadcrumbs import Breadcrumbs, CrumbLogHandler, LogRin
 from edgeagent.telemetry.publisher import Publisher
 from edgeagent.telemetry.spool import Spool
 from edgeagent.telemetry.topics import Topics
+from edgeagent.telemetry.tracing import (
+    MqttSpanExporter,
+    build_tracer_provider,
+    os_description,
+    otlp_http_exporter,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +205,7 @@ class Agent:
             clock=self.clock,
         )
         self.leak = LeakWatch(self._on_probe_alert)
+        self.tracer_provider = self._build_tracer_provider()
         self.calls_mgr = CallManager(
             cfg,
             self.link,
@@ -206,6 +216,11 @@ class Agent:
             on_finished=self._on_call_finished,
             on_fault=self._on_audio_fault,
             alerts=self.alerts,
+            tracer=(
+                self.tracer_provider.get_tracer("edgeagent.call", __version__)
+                if self.tracer_provider is not None
+                else None
+            ),
         )
         self._audio_fault = asyncio.Event()
         self.button: CallButton | None = None
@@ -309,9 +324,11 @@ class Agent:
                 runbook=c.runbook,
                 call_id=c.call_id,
                 since=c.since,
+                trace_id=self.calls_mgr.trace_id_for(c.call_id),
             ),
             retain=True,
         )
+        self.calls_mgr.note_alert(c.name, c.state, c.severity, c.value, c.call_id)
         logger.log(
             logging.WARNING if c.state == "firing" else logging.INFO,
             "alert %s %s: %s",
@@ -326,6 +343,7 @@ class Agent:
                 f"automatic snapshot: alert {c.name} fired during the call",
                 data=self.snapshot(),
                 call_id=c.call_id,
+                trace_id=self.calls_mgr.trace_id_for(c.call_id),
             )
 
     def _on_probe_alert(
@@ -350,6 +368,53 @@ class Agent:
                 since=self.clock.time(),
             )
         )
+
+    # --- tracing ----------------------------------------------------------------------------
+
+    def _build_tracer_provider(self) -> TracerProvider | None:
+        """The call tracer's provider (injected into the CallManager, never global)."""
+        t = self.cfg.tracing
+        if not t.enabled:
+            return None
+        exporters: list[SpanExporter] = []
+        if t.mqtt_export:
+            traces = self.topics.traces
+            exporters.append(
+                MqttSpanExporter(
+                    lambda build: self.publisher.spool_bytes(traces, build),
+                    device=self.cfg.device.id,
+                    wall=self.clock.time,
+                    max_spans_per_message=t.max_spans_per_message,
+                )
+            )
+        background: list[SpanExporter] = []
+        if t.otlp_endpoint:
+            headers = {k: v.get_secret_value() for k, v in t.otlp_headers.items()}
+            background.append(
+                otlp_http_exporter(t.otlp_endpoint, headers, timeout_s=t.otlp_timeout_s)
+            )
+        return build_tracer_provider(
+            service_version=__version__,
+            device_id=self.cfg.device.id,
+            board_model=self.device_model,
+            os_name=os_description(),
+            exporters=exporters,
+            background_exporters=background,
+            sampler_ratio=t.sample_ratio,
+            poor_mos=t.keep_below_mos,
+        )
+
+    def _stop_tracing(self) -> None:
+        """Flush and stop span export; open traces are kept and spooled (before the spool closes).
+
+        Blocks for at most about the OTLP timeout while a collector is slow or away.
+        """
+        if self.tracer_provider is None:
+            return
+        try:
+            self.tracer_provider.shutdown()
+        except Exception:  # span export must never turn a clean stop into a crash
+            logger.warning("tracing: shutdown failed", exc_info=True)
 
     def crash_snapshot(self) -> dict[str, Any]:
         view = self.health.current()
@@ -493,37 +558,30 @@ class Agent:
         return {"call_id": active.call_id, "result": active.result}
 
     async def call_test(self, peer: str | None, duration_s: int) -> dict[str, Any]:
-        """Call the echo peer, let audio flow, and report what the call measured."""
-        call = await self.dial(peer)
-        mgr = self.calls_mgr
-        deadline = self.clock.monotonic() + self.cfg.call.connect_timeout_s + duration_s
-        while self.clock.monotonic() < deadline:
-            active = mgr.active
-            if active is None or active.call_id != call["call_id"]:
-                break
-            session = active.session
-            measured = active.state == "active" and session is not None and session.record.samples
-            if measured and self.clock.monotonic() - (active.connected_mono or 0) >= duration_s:
-                break
-            await self.clock.sleep(0.2)
-        active = mgr.active
-        sample = None
-        if active is not None and active.call_id == call["call_id"]:
-            session = active.session
-            sample = session.record.samples[-1] if session and session.record.samples else None
-            await mgr.hangup("call_test")
-        done = next((c for c in reversed(mgr.history) if c.call_id == call["call_id"]), None)
-        return {
-            **call,
-            "result": done.result if done else None,
-            "end_reason": done.end_reason if done else None,
-            "setup_ms": done.setup_ms if done else None,
-            "rtt_ms": sample.window.rtt_ms if sample else None,
-            "loss_pct": sample.window.loss_pct if sample else None,
-            "mos": sample.mos if sample else None,
-            "audio": sample.audio if sample else None,
-            "echo_verdict": (sample.audio.get("echo_likelihood") if sample else None),
-        }
+        """Call the echo peer with a known signal: round trip, levels, echo verdict, score."""
+        return await run_call_test(
+            self.calls_mgr,
+            peer,
+            duration_s,
+            clock=self.clock,
+            bus=self.bus,
+            broker_up=self.link.connected.is_set,
+            leds=self._led_view,
+        )
+
+    def _led_view(self) -> dict[str, Any] | None:
+        """The LED state shown and, with a known pin factory (bench mock), each pin's level."""
+        if self.leds is None:
+            return None
+        leds = self.cfg.leds
+        names = ("red", "green", "blue") if leds.layout == "rgb" else ("green", "amber", "red")
+        pins = None
+        if self.leds_factory is not None and self.leds.enabled:
+            pins = {
+                name: int(bool(self.leds_factory.pin(pin).state))
+                for name, pin in zip(names, leds.pins, strict=True)
+            }
+        return {"state": self.leds.state, "pins": pins, "active_high": leds.active_high}
 
     async def diagnose(self, checks: tuple[str, ...]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -741,6 +799,7 @@ class Agent:
             reason = "crash" if self.crashed else (self.stop_reason or "stopped")
             self.crash_guard.stop(reason, clean=not self.crashed)
             self.crash_guard.disarm()
+            self._stop_tracing()
             self.spool.close()
         if self.crashed:
             return 70

@@ -22,6 +22,7 @@ TOPIC_SCHEMAS = [
     (re.compile(r"/calls/[^/]+/quality$"), "quality"),
     (re.compile(r"/calls/[^/]+/summary$"), "summary"),
     (re.compile(r"/crash$"), "crash"),
+    (re.compile(r"/traces$"), "traces"),
     (re.compile(r"/cmd-res/[^/]+$"), "command_response"),
     (re.compile(r"/signal$"), "signal"),
 ]

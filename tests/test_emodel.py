@@ -12,6 +12,7 @@ from edgeagent.quality.emodel import (
     BPL_OPUS_PLC,
     BPL_OPUS_PLC_FEC,
     BPL_SILENCE_ON_LOSS,
+    OPUS_IE_BY_COMPLEXITY,
     OPUS_IE_POINTS,
     LossHandling,
     delay_impairment,
@@ -20,6 +21,7 @@ from edgeagent.quality.emodel import (
     one_way_delay_ms,
     opus_ie,
     r_factor,
+    receiver_loss_handling,
 )
 
 
@@ -82,19 +84,54 @@ def test_fade_concealment_sits_between_silence_and_fec() -> None:
 
 
 def test_opus_ie_interpolates_the_measured_points_and_clamps() -> None:
+    assert OPUS_IE_BY_COMPLEXITY[10] == OPUS_IE_POINTS  # the default encoder
     for kbps, ie in OPUS_IE_POINTS:
         assert opus_ie(kbps) == pytest.approx(ie)
-    assert opus_ie(28.0) == pytest.approx((29.9 + 24.6) / 2)
+    assert opus_ie(28.0) == pytest.approx((15.9 + 10.7) / 2)
     assert opus_ie(6.0) == OPUS_IE_POINTS[0][1]
     assert opus_ie(510.0) == OPUS_IE_POINTS[-1][1]
-    values = [opus_ie(k) for k in range(8, 80, 2)]
-    assert all(a >= b for a, b in itertools.pairwise(values))
+    for complexity in (5, 10):
+        values = [opus_ie(k, complexity) for k in range(8, 80, 2)]
+        assert all(a >= b for a, b in itertools.pairwise(values))
+        assert all(ie >= 0.0 for _, ie in OPUS_IE_BY_COMPLEXITY[complexity])
+
+
+def test_opus_ie_falls_with_complexity_and_clamps_below_the_measured_range() -> None:
+    for kbps in (16.0, 24.0, 32.0, 48.0, 64.0):
+        assert opus_ie(kbps, 10) < opus_ie(kbps, 5)
+        assert opus_ie(kbps, 5) > opus_ie(kbps, 7) > opus_ie(kbps, 10)
+    assert opus_ie(32.0, 7) == pytest.approx(19.5 + (10.7 - 19.5) * 2 / 5)
+    assert opus_ie(32.0, 0) == opus_ie(32.0, 5) == pytest.approx(19.5)
+
+
+def test_far_end_concealment_by_who_decodes() -> None:
+    assert receiver_loss_handling(ours=True, fec_sent=False) is LossHandling.FADE
+    assert receiver_loss_handling(ours=True, fec_sent=True) is LossHandling.FADE
+    assert receiver_loss_handling(ours=False, fec_sent=False) is LossHandling.OPUS_PLC
+    assert receiver_loss_handling(ours=False, fec_sent=True) is LossHandling.OPUS_PLC_FEC
+
+
+def test_a_clean_call_with_our_defaults_is_good_and_was_not_with_the_old_encoder() -> None:
+    from edgeagent.call.session import MOS_DEGRADED, MOS_GOOD, health_for
+
+    d = one_way_delay_ms(rtt_ms=1.0, playout_ms=55.0)
+    clean = mos_from_r(r_factor(d, 0.0, ie=opus_ie(32.0, 10), bpl=BPL_FADE))
+    assert clean > MOS_GOOD + 0.2
+    assert health_for(clean, False, []) == ("good", ())
+    # Complexity 5 with the fixed 10 % hint measured Ie 24.6: a clean call came out
+    # "degraded" because of our own encoder, not the network.
+    old = mos_from_r(r_factor(d, 0.0, ie=24.6, bpl=BPL_FADE))
+    assert MOS_DEGRADED < old < MOS_GOOD
+    # The thresholds are G.107/G.109's R = 70 and R = 60 boundaries.
+    assert pytest.approx(mos_from_r(70.0), abs=0.01) == MOS_GOOD
+    assert pytest.approx(mos_from_r(60.0), abs=0.01) == MOS_DEGRADED
 
 
 def test_our_receiver_model_matches_the_bench_pesq_table() -> None:
     """bench/mos_vs_pesq.py real calls (PESQ NB): the model stays within 0.3 of each point."""
     d = one_way_delay_ms(rtt_ms=1.0, playout_ms=50.0)
-    table = [(0.0, 3.57), (1.37, 3.38), (2.49, 3.14), (5.99, 2.57), (10.59, 1.78), (20.85, 1.45)]
+    # Defaults: 32 kbit/s, complexity 10, loss hint 0 (agent to agent: no FEC).
+    table = [(0.0, 4.18), (1.38, 3.83), (2.48, 3.27), (5.98, 2.69), (10.58, 1.87), (20.81, 1.55)]
     for loss, pesq_nb in table:
-        mos = mos_from_r(r_factor(d, loss, ie=opus_ie(32.0), bpl=BPL_FADE))
+        mos = mos_from_r(r_factor(d, loss, ie=opus_ie(32.0, 10), bpl=BPL_FADE))
         assert abs(mos - pesq_nb) <= 0.3, (loss, mos, pesq_nb)

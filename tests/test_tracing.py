@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from schema_support import validator
 
 from edgeagent.telemetry.spool import Spool
 from edgeagent.telemetry.tracing import (
@@ -250,13 +251,33 @@ def test_untraced_calls_work_with_the_noop_tracer() -> None:
 # -- MQTT export (OTLP/JSON to the spool) --------------------------------------------
 
 
+def collecting(payloads: list[bytes], **kw: int) -> MqttSpanExporter:
+    """An exporter whose `put` builds each message with the next seq, like the spool."""
+
+    def put(build: Callable[[int], bytes]) -> int:
+        seq = len(payloads) + 1
+        payloads.append(build(seq))
+        return seq
+
+    return MqttSpanExporter(put, device="pi-1", wall=lambda: 1700000000.25, **kw)
+
+
 def test_mqtt_export_is_valid_otlp_json() -> None:
     payloads: list[bytes] = []
-    provider = provider_with(MqttSpanExporter(payloads.append))
+    provider = provider_with(collecting(payloads))
     tracer = CallTracer(provider.get_tracer("edgeagent.call", "1.2.3"))
     run_call(tracer, traceparent=BROWSER_TRACEPARENT)
     assert len(payloads) == 1  # one message per kept trace
     raw = json.loads(payloads[0])
+    # The protocol envelope sits next to resourceSpans, and matches the `traces` schema.
+    assert {k: raw[k] for k in ("v", "device", "ts", "seq")} == {
+        "v": 1,
+        "device": "pi-1",
+        "ts": 1700000000.25,
+        "seq": 1,
+    }
+    # (schema_support maps no topic to `traces` yet: validate by schema name)
+    validator("traces").validate(raw)
     spans_json = raw["resourceSpans"][0]["scopeSpans"][0]["spans"]
     root_json = next(s for s in spans_json if s["name"] == "call")
     # OTLP/JSON, not protobuf JSON: hex ids and integer enums.
@@ -283,10 +304,11 @@ def test_mqtt_export_is_valid_otlp_json() -> None:
 
 def test_mqtt_export_splits_large_batches() -> None:
     payloads: list[bytes] = []
-    provider = provider_with(MqttSpanExporter(payloads.append, max_spans_per_message=3))
+    provider = provider_with(collecting(payloads, max_spans_per_message=3))
     run_call(CallTracer(provider.get_tracer("t")))
     counts = [len(decode_otlp_json(p).resource_spans[0].scope_spans[0].spans) for p in payloads]
     assert counts == [3, 3, 3]
+    assert [json.loads(p)["seq"] for p in payloads] == [1, 2, 3]
     provider.shutdown()
 
 
@@ -294,7 +316,8 @@ def test_mqtt_export_goes_through_the_durable_spool(tmp_path: Path) -> None:
     topic = "edge/v1/pi-1/traces"
     spool = Spool(tmp_path / "spool.db")
     provider = provider_with(
-        MqttSpanExporter(lambda data: spool.put(topic, lambda _seq: data)), ratio=0.0
+        MqttSpanExporter(lambda build: spool.put(topic, build), device="pi-1", wall=lambda: 5.0),
+        ratio=0.0,
     )
     run_call(CallTracer(provider.get_tracer("t")), result="failed")
     provider.shutdown()
@@ -302,6 +325,7 @@ def test_mqtt_export_goes_through_the_durable_spool(tmp_path: Path) -> None:
     reopened = Spool(tmp_path / "spool.db")  # as after a restart with the broker down
     (entry,) = reopened.pending()
     assert entry.topic == topic
+    assert json.loads(entry.payload)["seq"] == entry.seq  # the spool's own seq, in the message
     names = [s.name for s in decode_otlp_json(entry.payload).resource_spans[0].scope_spans[0].spans]
     assert names == [*PHASES, "call"]
     reopened.close()

@@ -5,6 +5,10 @@ answered (reject with a reason) and reported, never dropped silently. Exactly
 one call may be active; other offers get `busy`, except the glare case where
 both ends offered to each other at once (the lower call_id wins on both ends).
 Each call ends with one spooled summary.
+
+Every call is traced (docs/tracing.md): a root span per call with its phases as
+children. An outgoing offer carries the root's `traceparent`; an incoming one's
+is continued, so both ends of a call share one trace id.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from dataclasses import dataclass, field
 from statistics import fmean
 from typing import Any
 
+import msgspec
+from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
+
 from edgeagent.audio.checks import AudioIssueChanged
 from edgeagent.call import signaling as sig
 from edgeagent.call.session import CallEnded, CallSession, QualitySample
@@ -27,6 +35,7 @@ from edgeagent.mqtt import BrokerLink, BrokerUnavailable, Inbound
 from edgeagent.telemetry import payloads as p
 from edgeagent.telemetry.publisher import Publisher
 from edgeagent.telemetry.topics import Topics
+from edgeagent.telemetry.tracing import CallTracer
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +63,27 @@ class Call:
     setup_ms: float | None = None
     connected_mono: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    spans: CallTracer = field(default_factory=lambda: CallTracer(trace.NoOpTracer()))
 
     @property
     def trace_id(self) -> str | None:
-        return sig.trace_id_of(self.traceparent)
+        """The call's trace: its root span's, else the offer's traceparent's (untraced)."""
+        return self.spans.trace_id or sig.trace_id_of(self.traceparent)
+
+
+# Ends of a connected call that someone chose: `completed`, not `failed` (which would
+# count against the failure-rate alert). Anything else that ends a live call failed.
+DELIBERATE_ENDS = frozenset(
+    {
+        "local_hangup",
+        "remote_hangup",
+        "agent_stopping",
+        "max_duration",
+        "button",
+        "remote_command",
+        "call_test",
+    }
+)
 
 
 class CallManager:
@@ -76,6 +102,7 @@ class CallManager:
         on_fault: Callable[[str | None], None],
         check_offer: OfferCheck | None = None,
         alerts: AlertRules | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.cfg = cfg
         self.link = link
@@ -87,6 +114,7 @@ class CallManager:
         self._on_fault = on_fault
         self._check_offer = check_offer
         self.alerts = alerts
+        self.tracer: trace.Tracer = tracer or trace.NoOpTracer()
         self.active: Call | None = None
         self.history: list[Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -101,7 +129,10 @@ class CallManager:
             raise ValueError(f"no valid peer to dial: {peer!r}")
         if self.active is not None:
             raise RuntimeError(f"busy: call {self.active.call_id} is active")
-        call = self._new_call(sig.new_call_id(), "outgoing", peer, sig.new_traceparent())
+        call = self._new_call(sig.new_call_id(), "outgoing", peer, None)
+        call.spans.start_call(call.call_id, "outgoing", peer)
+        # The offer carries the root span's context, so the far end continues this trace.
+        call.traceparent = call.spans.traceparent() or sig.new_traceparent()
         call.answered = asyncio.get_running_loop().create_future()
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         call.task = self._spawn(self._outgoing(call, ready))
@@ -126,6 +157,27 @@ class CallManager:
             call.accept.set_result(True)
             return True
         return False
+
+    def trace_id_for(self, call_id: str | None) -> str | None:
+        """The trace id of the active or a recent call, for alerts and snapshots."""
+        if call_id is None:
+            return None
+        if self.active is not None and self.active.call_id == call_id:
+            return self.active.trace_id
+        done = next((c for c in reversed(self.history) if c.call_id == call_id), None)
+        return done.trace_id if done else None
+
+    def note_alert(
+        self, name: str, state: str, severity: str, value: float | None, call_id: str | None
+    ) -> None:
+        """A span event on the active call for an alert scoped to it (keeps its trace)."""
+        call = self.active
+        if call is None or call_id != call.call_id:
+            return
+        attrs: dict[str, AttributeValue] = {"alert.name": name, "alert.severity": severity}
+        if value is not None:
+            attrs["alert.value"] = value
+        call.spans.event(f"alert.{state}", attrs)
 
     async def run(self) -> None:
         try:
@@ -152,6 +204,10 @@ class CallManager:
             if exc.sender and exc.call_id:
                 self._send("reject", exc.sender, exc.call_id, reason="error")
             return
+        if msg.type == "offer" and msg.traceparent is None:
+            carried = sig.traceparent_from_properties(inbound.user_properties)
+            if carried is not None:  # MQTT 5 user property of a sender without the field
+                msg = msgspec.structs.replace(msg, traceparent=carried)
         handler = {
             "offer": self._on_offer,
             "answer": self._on_answer,
@@ -194,6 +250,7 @@ class CallManager:
 
     def _start_incoming(self, msg: p.Signal) -> None:
         call = self._new_call(msg.call_id, "incoming", msg.from_, msg.traceparent)
+        call.spans.start_call(call.call_id, "incoming", call.peer, msg.traceparent)
         call.task = self._spawn(self._incoming(call, msg))
 
     async def _yield_to(self, ours: Call, theirs: p.Signal) -> None:
@@ -229,15 +286,7 @@ class CallManager:
 
     def _refuse(self, msg: p.Signal, reason: str, why: str) -> None:
         self._send("reject", msg.from_, msg.call_id, reason=reason)
-        self.publisher.event(
-            "warning" if reason == "forbidden" else "info",
-            "call.incoming",
-            f"call {msg.call_id} from {msg.from_} rejected ({reason}): {why}",
-            data={"peer": msg.from_, "reason": reason},
-            call_id=msg.call_id,
-            trace_id=sig.trace_id_of(msg.traceparent),
-        )
-        # A refused call still gets its record, so failure rates see it.
+        # A refused call still gets its record (and its trace), so failure rates see it.
         call = Call(
             msg.call_id,
             "incoming",
@@ -245,9 +294,20 @@ class CallManager:
             msg.traceparent,
             self.clock.monotonic(),
             self.clock.time(),
+            spans=CallTracer(self.tracer),
+        )
+        call.spans.start_call(call.call_id, "incoming", call.peer, msg.traceparent)
+        self.publisher.event(
+            "warning" if reason == "forbidden" else "info",
+            "call.incoming",
+            f"call {msg.call_id} from {msg.from_} rejected ({reason}): {why}",
+            data={"peer": msg.from_, "reason": reason},
+            call_id=msg.call_id,
+            trace_id=call.trace_id,
         )
         call.result, call.end_reason = "rejected", reason
         self._summary(call)
+        call.spans.end_call("rejected", end_reason=reason)
 
     # --- call flows -----------------------------------------------------------------------
 
@@ -259,6 +319,7 @@ class CallManager:
             await self._finish(call, "policy_reject", result="rejected")
             return
         if policy == "ring":
+            call.spans.begin_phase("ringing")
             call.state = "ringing"
             call.accept = asyncio.get_running_loop().create_future()
             self._on_health("ringing", (f"call from {call.peer}",))
@@ -269,6 +330,7 @@ class CallManager:
             except TimeoutError:
                 accepted = False
                 call.extra["ring_timeout"] = True
+            call.spans.end_phase("ringing")
             if not accepted:
                 if call.extra.get("remote_cancel"):
                     await self._finish(call, "remote_cancel", result="missed")
@@ -283,10 +345,12 @@ class CallManager:
         call.state = "connecting"
         self._on_health("connecting", ())
         try:
+            call.spans.begin_phase("signaling.answer")
             session = await self._open_session(call)
             assert offer.sdp is not None
             answer_sdp = await session.answer(offer.sdp)
             self._send("answer", call.peer, call.call_id, sdp=answer_sdp)
+            call.spans.end_phase("signaling.answer")
             await self._connect_and_run(call, session)
         except CallEnded as ended:
             await self._finish(call, ended.reason, detail=ended.detail, send_hangup=True)
@@ -302,20 +366,28 @@ class CallManager:
         self._event(call, "info", "call.outgoing", f"calling {call.peer}")
         try:
             try:
+                call.spans.begin_phase("signaling.offer")
                 session = await self._open_session(call)
                 offer_sdp = await session.create_offer()
                 self._send(
                     "offer", call.peer, call.call_id, sdp=offer_sdp, traceparent=call.traceparent
                 )
+                call.spans.end_phase("signaling.offer")
             finally:
                 if not ready.done():
                     ready.set_result(None)
             assert call.answered is not None
+            call.spans.begin_phase("signaling.answer_wait")
             try:
                 async with asyncio.timeout(self.cfg.call.answer_timeout_s):
                     reply = await call.answered
             except TimeoutError:
+                call.spans.end_phase("signaling.answer_wait", error="answer_timeout")
                 raise CallEnded("answer_timeout", f"no answer from {call.peer}") from None
+            wait = call.spans.phase_span("signaling.answer_wait")
+            if wait is not None:
+                wait.set_attribute("signal.reply", reply.type)
+            call.spans.end_phase("signaling.answer_wait")
             if reply.type == "reject":
                 self._event(call, "info", "call.rejected", f"{call.peer} rejected: {reply.reason}")
                 await self._finish(call, f"rejected_{reply.reason or 'unknown'}", result="rejected")
@@ -347,6 +419,7 @@ class CallManager:
                 f"media_stalled: no inbound audio for {s:.1f} s",
                 data={"silent_s": round(s, 1)},
             ),
+            spans=call.spans,
         )
         call.session = session
         try:
@@ -361,6 +434,9 @@ class CallManager:
         call.connected_mono = self.clock.monotonic()
         call.setup_ms = round((call.connected_mono - call.started_mono) * 1000, 1)
         call.state = "active"
+        # Begun in this order so in-call events land on call.active (the newest phase).
+        call.spans.begin_phase("media.first_packet")
+        call.spans.begin_phase("call.active", {"call.codec": "opus"})
         self._on_health("good", ())
         local, remote = session.ice_types()
         call.extra["ice"] = (local, remote)
@@ -388,6 +464,7 @@ class CallManager:
     async def _announce_media(self, call: Call, session: CallSession) -> None:
         while session.sink is None or session.sink.frames_received == 0:
             await self.clock.sleep(0.02)
+        call.spans.end_phase("media.first_packet")
         self._event(call, "info", "call.media_started", "first inbound audio")
 
     # --- ending ---------------------------------------------------------------------------
@@ -409,11 +486,14 @@ class CallManager:
         if result is None:
             result = (
                 "completed"
-                if call.connected_mono is not None
-                and reason in ("local_hangup", "remote_hangup", "agent_stopping", "max_duration")
+                if call.connected_mono is not None and reason in DELIBERATE_ENDS
                 else "failed"
             )
         call.result = result
+        spans = call.spans
+        if spans.active:
+            spans.end_phase("call.active")
+            spans.begin_phase("teardown", {"call.end_reason": reason})
         if send_hangup and prior not in ("new",) and result != "rejected":
             # Sent before the transport closes, so the far end learns why first.
             with contextlib.suppress(TimeoutError):
@@ -432,6 +512,7 @@ class CallManager:
                     )
         if call.session is not None:
             await call.session.close()
+        spans.end_phase("teardown")
         if reason == "audio_device":
             self._on_fault("audio device failed during a call")
         if self.active is call:
@@ -446,12 +527,17 @@ class CallManager:
             data={"result": result, "end_reason": reason, "detail": detail},
         )
         logger.info("call %s: ended %s (%s)", call.call_id, result, reason)
-        self._summary(call)
+        summary = self._summary(call)
+        spans.end_call(result, _root_attributes(summary, detail), end_reason=reason)
+        # History keeps the bookkeeping, not the media: a closed session still holds
+        # the peer connection, playout, AEC and echo buffers (megabytes per call).
+        call.session = None
+        call.answered = call.accept = None
         task = call.task
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
 
-    def _summary(self, call: Call) -> None:
+    def _summary(self, call: Call) -> p.Summary:
         self.history.append(call)
         del self.history[:-50]
         self._on_finished(call)
@@ -473,34 +559,35 @@ class CallManager:
                 "max_depth_ms": round(st.max_depth_ms, 1),
                 "late_frames": st.late_frames,
             }
-        ts = self.publisher.ts()
+        summary = p.Summary(
+            v=1,
+            device=self.cfg.device.id,
+            ts=self.publisher.ts(),
+            seq=0,
+            call_id=call.call_id,
+            trace_id=call.trace_id,
+            direction=call.direction,  # type: ignore[arg-type]
+            peer=call.peer,
+            result=call.result,  # type: ignore[arg-type]
+            end_reason=call.end_reason or "unknown",
+            setup_ms=call.setup_ms,
+            duration_s=round(duration, 2),
+            codec="opus" if session else None,
+            mos_avg=round(fmean(moses), 2) if moses else None,
+            mos_min=round(min(moses), 2) if moses else None,
+            loss_pct=round(fmean(loss), 2) if loss else None,
+            jitter_ms_avg=round(fmean(jit), 1) if jit else None,
+            rtt_ms_avg=round(fmean(rtt), 1) if rtt else None,
+            audio_issues=dict(session.record.audio_issues) if session else {},
+            ice=p.IcePair(local_type=local, remote_type=remote),
+            started_ts=round(call.started_wall, 3),
+            playout=playout,
+        )
         self.publisher.spool(
             self.topics.summary(call.call_id),
-            lambda seq: p.Summary(
-                v=1,
-                device=self.cfg.device.id,
-                ts=ts,
-                seq=seq,
-                call_id=call.call_id,
-                trace_id=call.trace_id,
-                direction=call.direction,  # type: ignore[arg-type]
-                peer=call.peer,
-                result=call.result,  # type: ignore[arg-type]
-                end_reason=call.end_reason or "unknown",
-                setup_ms=call.setup_ms,
-                duration_s=round(duration, 2),
-                codec="opus" if session else None,
-                mos_avg=round(fmean(moses), 2) if moses else None,
-                mos_min=round(min(moses), 2) if moses else None,
-                loss_pct=round(fmean(loss), 2) if loss else None,
-                jitter_ms_avg=round(fmean(jit), 1) if jit else None,
-                rtt_ms_avg=round(fmean(rtt), 1) if rtt else None,
-                audio_issues=dict(session.record.audio_issues) if session else {},
-                ice=p.IcePair(local_type=local, remote_type=remote),
-                started_ts=round(call.started_wall, 3),
-                playout=playout,
-            ),
+            lambda seq: msgspec.structs.replace(summary, seq=seq),
         )
+        return summary
 
     # --- reporting ------------------------------------------------------------------------
 
@@ -535,6 +622,7 @@ class CallManager:
                 direction=call.direction,
                 remote_loss_pct=_r(w.remote_loss_pct, 2),
                 remote_mos=_r(s.remote_mos, 2),
+                trace_id=call.trace_id,
             ),
         )
 
@@ -548,6 +636,10 @@ class CallManager:
             if change.name not in ("no_audio", "dead_input"):
                 self.alerts.observe(change.name, flag(change.active), call_id=call.call_id)
         state = "detected" if change.active else "cleared"
+        call.spans.event(
+            f"audio.{change.name}.{state}",
+            {"audio.stream": change.stream, "audio.value": float(change.value or 0.0)},
+        )
         self._event(
             call,
             "warning" if change.active else "info",
@@ -575,7 +667,13 @@ class CallManager:
 
     def _new_call(self, call_id: str, direction: str, peer: str, traceparent: str | None) -> Call:
         call = Call(
-            call_id, direction, peer, traceparent, self.clock.monotonic(), self.clock.time()
+            call_id,
+            direction,
+            peer,
+            traceparent,
+            self.clock.monotonic(),
+            self.clock.time(),
+            spans=CallTracer(self.tracer),
         )
         self.active = call
         return call
@@ -609,6 +707,24 @@ class CallManager:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("calls: task failed", exc_info=task.exception())
+
+
+def _root_attributes(summary: p.Summary, detail: str | None) -> dict[str, AttributeValue]:
+    """The root span's call attributes: the summary's codec, setup, duration and MOS."""
+    values: dict[str, AttributeValue | None] = {
+        "call.codec": summary.codec,
+        "call.setup_ms": summary.setup_ms,
+        "call.duration_s": summary.duration_s,
+        "call.mos_avg": summary.mos_avg,
+        "call.mos_min": summary.mos_min,
+        "call.loss_pct": summary.loss_pct,
+        "call.jitter_ms_avg": summary.jitter_ms_avg,
+        "call.rtt_ms_avg": summary.rtt_ms_avg,
+        "call.ice.local_type": summary.ice.local_type,
+        "call.ice.remote_type": summary.ice.remote_type,
+        "call.end_detail": detail,
+    }
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _r(value: float | None, digits: int) -> float | None:

@@ -23,13 +23,22 @@ from edgeagent.audio.echo import EchoDetector
 from edgeagent.audio.frames import Samples
 from edgeagent.audio.playout import PlayoutBuffer, PlayoutSettings
 from edgeagent.call.ice import ice_configuration, restrict_host_addresses
-from edgeagent.call.opus import OpusSettings, install_opus_encoder, munge_sdp
+from edgeagent.call.opus import (
+    LossHint,
+    OpusSettings,
+    far_end_decodes_fec,
+    far_end_is_aiortc,
+    install_opus_encoder,
+    munge_sdp,
+    opus_encoders,
+)
 from edgeagent.call.tracks import MicrophoneTrack, RemoteAudioSink, install_receive_path
 from edgeagent.clock import Clock
 from edgeagent.config import Config
 from edgeagent.hw.alsa import AlsaCapture, AlsaPlayback, AudioDeviceError
 from edgeagent.quality import emodel
 from edgeagent.quality.stats import NetworkStats, WindowStats, normalise, window
+from edgeagent.telemetry.tracing import CallTracer
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +78,18 @@ class SessionRecord:
     first_media_at: float | None = None
 
 
+def opus_settings(cfg: Config) -> OpusSettings:
+    """Our Opus settings from the [call] opus keys."""
+    call = cfg.call
+    hint = call.opus_loss_hint_percent
+    return OpusSettings(
+        bitrate_bps=call.opus_bitrate_kbps * 1000,
+        fec=call.opus_fec,
+        complexity=call.opus_complexity,
+        expected_loss_percent=None if hint == "auto" else hint,
+    )
+
+
 def health_for(mos: float | None, stalled: bool, issues: list[str]) -> tuple[str, tuple[str, ...]]:
     """good / degraded / bad from the latest MOS and what the checks say."""
     reasons: list[str] = []
@@ -95,8 +116,10 @@ class CallSession:
         on_issue: Callable[[AudioIssueChanged], None],
         on_health: Callable[[str, tuple[str, ...]], None],
         on_media_stalled: Callable[[float], None],
+        spans: CallTracer | None = None,
     ) -> None:
         self.cfg = cfg
+        self.spans = spans
         self.call_id = call_id
         self.clock = clock
         self._on_quality = on_quality
@@ -113,7 +136,10 @@ class CallSession:
                 relay_only=ice.relay_only,
             )
         )
-        self.opus = OpusSettings(bitrate_bps=cfg.call.opus_bitrate_kbps * 1000)
+        self.opus = opus_settings(cfg)
+        self.loss_hint = LossHint()
+        self.far_end_ours = False  # set from the remote SDP (`_after_remote`)
+        self.fec_to_far_end = False
         audio = cfg.audio
         self.capture = AlsaCapture(audio.capture_device, clock=clock, paced=audio.paced)
         self.playout = PlayoutBuffer(
@@ -139,6 +165,7 @@ class CallSession:
         self._receive_buffers: list[Any] = []
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
+        self.pc.on("iceconnectionstatechange", self._on_ice_state)
 
     # --- audio path (runs every 20 ms on the loop) ----------------------------------------
 
@@ -205,12 +232,51 @@ class CallSession:
         self._spawn(self.sink.run(), "sink")
         self._spawn(self.playback.run(), "playback")
 
+    # --- phases (tracing) ------------------------------------------------------------------
+
+    def _begin(self, name: str, attrs: dict[str, Any] | None = None) -> None:
+        if self.spans is not None and self.spans.active:
+            self.spans.begin_phase(name, attrs)
+
+    def _end(self, name: str, *, error: str | None = None) -> None:
+        if self.spans is not None:
+            self.spans.end_phase(name, error=error)
+
+    def _on_ice_state(self) -> None:
+        # aiortc: ICE "checking" -> "completed" (or "failed"); DTLS starts after "completed",
+        # and the connection state turns "connected" once DTLS is up too.
+        state = self.pc.iceConnectionState
+        logger.debug("call %s: ICE %s", self.call_id, state)
+        if state == "completed":
+            if self.spans is not None and (span := self.spans.phase_span("ice.connect")):
+                local, remote = self.ice_types()
+                span.set_attributes(
+                    {k: v for k, v in (("ice.local_type", local), ("ice.remote_type", remote)) if v}
+                )
+            self._end("ice.connect")
+            self._begin("dtls")
+        elif state == "failed":
+            self._end("ice.connect", error="ICE failed")
+
+    def _dtls_role(self) -> str | None:
+        try:
+            role = self.pc.getTransceivers()[0].sender.transport._role
+        except (AttributeError, IndexError):
+            return None
+        return role if isinstance(role, str) else None
+
     async def _on_state(self) -> None:
         state = self.pc.connectionState
         logger.debug("call %s: connection %s", self.call_id, state)
         if state == "connected":
+            if self.spans is not None and (span := self.spans.phase_span("dtls")):
+                role = self._dtls_role()
+                if role:
+                    span.set_attribute("dtls.role", role)
+            self._end("dtls")
             self._connected.set()
         elif state == "failed" and not self._failed.done():
+            self._end("dtls", error="DTLS or ICE failed")
             self._failed.set_result(CallEnded("ice_failed"))
         elif state == "closed" and not self._failed.done():
             # The far end closed its transport; its hangup message is usually on its
@@ -231,33 +297,50 @@ class CallSession:
             self.cfg.ice.host_addresses or None,
             gather_timeout_s=self.cfg.ice.gather_timeout_s,
         )
-        await self.pc.setLocalDescription(
-            RTCSessionDescription(munge_sdp(offer.sdp, self.opus), "offer")
-        )
+        await self._set_local(RTCSessionDescription(munge_sdp(offer.sdp, self.opus), "offer"))
         return str(self.pc.localDescription.sdp)
 
+    async def _set_local(self, description: RTCSessionDescription) -> None:
+        """setLocalDescription, which gathers every candidate first (aiortc does not trickle)."""
+        self._begin("ice.gathering")
+        try:
+            await self.pc.setLocalDescription(description)
+        except BaseException as exc:
+            self._end("ice.gathering", error=f"{type(exc).__name__}: {exc}")
+            raise
+        if self.spans is not None and (span := self.spans.phase_span("ice.gathering")):
+            sdp = str(self.pc.localDescription.sdp)
+            span.set_attribute("ice.candidates", sdp.count("a=candidate:"))
+        self._end("ice.gathering")
+
     async def accept_answer(self, sdp: str) -> None:
+        self._begin("ice.connect")  # ICE checks start once the answer is applied
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
-        self._after_remote()
+        self._after_remote(sdp)
 
     async def answer(self, offer_sdp: str) -> str:
         await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         self.pc.addTrack(self.track)
-        self._after_remote()
+        self._after_remote(offer_sdp)
         answer = await self.pc.createAnswer()
         restrict_host_addresses(
             self.pc,
             self.cfg.ice.host_addresses or None,
             gather_timeout_s=self.cfg.ice.gather_timeout_s,
         )
-        await self.pc.setLocalDescription(
-            RTCSessionDescription(munge_sdp(answer.sdp, self.opus), "answer")
-        )
+        await self._set_local(RTCSessionDescription(munge_sdp(answer.sdp, self.opus), "answer"))
+        self._begin("ice.connect")  # checks run while the answer travels to the caller
         return str(self.pc.localDescription.sdp)
 
-    def _after_remote(self) -> None:
+    def _after_remote(self, remote_sdp: str) -> None:
         self._receive_buffers = install_receive_path(self.pc)
         install_opus_encoder(self.pc, self.opus)
+        # Who decodes what we send: another agent (no FEC, fade concealment) or a
+        # browser/SIP phone (libopus PLC, FEC when it asked for it).
+        self.far_end_ours = far_end_is_aiortc(remote_sdp)
+        self.fec_to_far_end = self.opus.fec and far_end_decodes_fec(remote_sdp)
+        for encoder in opus_encoders(self.pc):
+            encoder.set_fec(self.fec_to_far_end)
 
     async def wait_connected(self, timeout_s: float) -> None:
         """Until ICE and DTLS are up; CallEnded on failure or timeout."""
@@ -325,14 +408,22 @@ class CallSession:
             return cur
         win = window(prev, cur)
         depth = self.playout.depth_ms
+        fec_sent = self._follow_remote_loss(win.remote_loss_pct)
+        # Both directions carry Opus at our configured bitrate (our SDP asks the far
+        # end for maxaveragebitrate = ours); its complexity is assumed to be ours.
+        ie = emodel.opus_ie(self.opus.bitrate_bps / 1000.0, self.opus.complexity)
+        delay = emodel.one_way_delay_ms(win.rtt_ms or 0.0, depth)
         mos = r = remote_mos = None
         if win.loss_pct is not None:
-            delay = emodel.one_way_delay_ms(win.rtt_ms or 0.0, depth)
-            r = emodel.r_factor(delay, win.loss_pct, bpl=emodel.BPL[emodel.LossHandling.SILENCE])
+            # Our own receive path: no decoder PLC or FEC, the playout buffer's fade.
+            bpl = emodel.BPL[emodel.LossHandling.FADE]
+            r = emodel.r_factor(delay, win.loss_pct, ie=ie, bpl=bpl)
             mos = emodel.mos_from_r(r)
         if win.remote_loss_pct is not None:
-            delay = emodel.one_way_delay_ms(win.rtt_ms or 0.0, depth)
-            remote_mos = emodel.mos_from_r(emodel.r_factor(delay, win.remote_loss_pct))
+            # The far end's playout depth is unknown: ours stands in for it.
+            handling = emodel.receiver_loss_handling(ours=self.far_end_ours, fec_sent=fec_sent)
+            remote_r = emodel.r_factor(delay, win.remote_loss_pct, ie=ie, bpl=emodel.BPL[handling])
+            remote_mos = emodel.mos_from_r(remote_r)
         pstats = self.playout.stats()
         est = self.echo.estimate
         audio = audio_object(
@@ -350,6 +441,20 @@ class CallSession:
         self._on_quality(sample)
         self._report_health()
         return cur
+
+    def _follow_remote_loss(self, remote_loss_pct: float | None) -> bool:
+        """Set the encoders' loss hint from the far end's reported loss; True if FEC is sent.
+
+        Only a far end that decodes FEC gets a hint above 0: for our own agents the
+        FEC bits would be wasted (see edgeagent/call/opus.py).
+        """
+        hint = self.loss_hint.update(remote_loss_pct) if self.fec_to_far_end else 0
+        fec_sent = False
+        for encoder in opus_encoders(self.pc):
+            if encoder.set_loss_hint(hint):
+                logger.info("call %s: opus loss hint now %d %%", self.call_id, hint)
+            fec_sent |= encoder.fec and encoder.loss_hint_percent > 0
+        return fec_sent
 
     def _report_health(self) -> None:
         last = self.record.samples[-1] if self.record.samples else None
@@ -382,3 +487,9 @@ class CallSession:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, AudioDeviceError):
                 await task
+        # Break the pc <-> session cycles (event-emitter callbacks hold bound methods)
+        # so the media buffers go by reference counting now, not at some later
+        # generation-2 collection.
+        self.pc.remove_all_listeners()
+        self.track.remove_all_listeners()
+        self._tasks.clear()

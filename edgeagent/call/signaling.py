@@ -123,13 +123,21 @@ def new_call_id() -> str:
 
 
 def new_traceparent() -> str:
-    """A fresh W3C traceparent (sampled); replaced by the tracer's when tracing is on."""
+    """A fresh W3C traceparent (sampled), for untraced calls; traced ones use the root span's."""
     return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
 
 
 def trace_id_of(traceparent: str | None) -> str | None:
     if traceparent and TRACEPARENT.match(traceparent):
         return traceparent.split("-")[1]
+    return None
+
+
+def traceparent_from_properties(props: Iterable[tuple[str, str]]) -> str | None:
+    """A well-formed `traceparent` MQTT 5 user property, else None."""
+    for key, value in props:
+        if key.lower() == "traceparent" and TRACEPARENT.match(value):
+            return value
     return None
 
 

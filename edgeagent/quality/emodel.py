@@ -15,15 +15,18 @@ R_MAX = 93.2
 
 BPL_SILENCE_ON_LOSS = 6.0
 """Opus receiver that plays a lost frame as silence or skips it (aiortc as shipped)."""
-BPL_FADE = 14.6
+BPL_FADE = 9.8
 """Our receive path: no decoder PLC (PyAV cannot ask libopus for it), the playout
 buffer repeats the last good frame fading out over 3 frames, then silence.
 
 Fitted the way quality.md's Bpl values were (P.834 style: PESQ NB of libopus
 output under seeded random loss, Ie_eff = 93.2 - R(PESQ), Bpl solved from
-Ie_eff = Ie + (95 - Ie) Ppl / (Ppl + Bpl)): our `MonoOpusEncoder` at 32 kbit/s,
-decoded and played through `PlayoutBuffer`, 1-20 % loss x 3 seeds, median of 15
-fits (11-33, most 12-18). `bench/mos_vs_pesq.py --derive` repeats the fit; the
+Ie_eff = Ie + (95 - Ie) Ppl / (Ppl + Bpl)): our `MonoOpusEncoder` with its
+defaults (32 kbit/s, complexity 10, loss hint 0, so no FEC), decoded and played
+through `PlayoutBuffer`, 1-20 % loss x 3 seeds, median of 15 fits (6.3-14.8).
+Lower than the 14.6 fitted for complexity 5 with a fixed 10 % hint: PESQ under
+loss is about the same, but the clean reference (Ie) is better, so loss costs
+relatively more. `bench/mos_vs_pesq.py --derive` repeats the fit; the
 real-call table of that bench (other seeds, real calls) validates it.
 """
 BPL_OPUS_PLC = 12.0
@@ -62,33 +65,57 @@ DEFAULT_DEVICE_MS = 20.0
 """Capture + playback device buffers when not measured (one 10 ms ALSA period each side)."""
 
 
-OPUS_IE_POINTS: tuple[tuple[float, float], ...] = (
-    (16.0, 34.5),
-    (24.0, 29.9),
-    (32.0, 24.6),
-    (48.0, 14.6),
-    (64.0, 9.7),
-)
-"""(kbit/s, Ie) of our `MonoOpusEncoder` (voip, mono, 20 ms, complexity 5, in-band FEC
-with a 10 % loss hint), from PESQ NB at 0 % loss: Ie = 93.2 - R(MOS-LQO).
+OPUS_IE_BY_COMPLEXITY: dict[int, tuple[tuple[float, float], ...]] = {
+    5: ((16.0, 34.9), (24.0, 26.1), (32.0, 19.5), (48.0, 11.0), (64.0, 5.3)),
+    10: ((16.0, 25.6), (24.0, 15.9), (32.0, 10.7), (48.0, 7.0), (64.0, 0.0)),
+}
+"""(kbit/s, Ie) of our `MonoOpusEncoder` (voip, mono, 20 ms, loss hint 0 so no FEC
+bits) at complexity 5 and 10, from PESQ NB at 0 % loss through `PlayoutBuffer`:
+Ie = 93.2 - R(MOS-LQO) (`bench/mos_vs_pesq.py --derive`). 64 kbit/s at
+complexity 10 scored PESQ NB 4.45, above what the narrowband E-model can
+express (4.41): Ie 0.
 
-quality.md's "Ie about 0 for Opus at 24 kbit/s or more" does not hold for this
-encoder setting: complexity 5 and FEC (whose redundancy our receiver cannot
-use) cost quality, e.g. 32 kbit/s gives PESQ NB 3.53 (3.77 without FEC, 3.90 at
-complexity 10, 4.43 at 64 kbit/s without FEC at complexity 10).
+quality.md's "Ie about 0 for Opus at 24 kbit/s or more" does not hold for our
+encoder: 32 kbit/s scores PESQ NB 4.11 at complexity 10 (3.76 at complexity 5,
+3.51 at complexity 5 with the old fixed 10 % loss hint, Ie 24.6).
 """
+OPUS_IE_POINTS = OPUS_IE_BY_COMPLEXITY[10]
+"""The default encoder's points (complexity 10)."""
 
 
-def opus_ie(bitrate_kbps: float) -> float:
-    """Ie of our Opus encoder at `bitrate_kbps`, interpolated in OPUS_IE_POINTS (clamped ends)."""
-    rates = [r for r, _ in OPUS_IE_POINTS]
-    if bitrate_kbps <= rates[0]:
-        return OPUS_IE_POINTS[0][1]
-    if bitrate_kbps >= rates[-1]:
-        return OPUS_IE_POINTS[-1][1]
-    i = bisect.bisect_right(rates, bitrate_kbps)
-    (r0, ie0), (r1, ie1) = OPUS_IE_POINTS[i - 1], OPUS_IE_POINTS[i]
-    return ie0 + (ie1 - ie0) * (bitrate_kbps - r0) / (r1 - r0)
+def _interpolate(points: tuple[tuple[float, float], ...], x: float) -> float:
+    xs = [p for p, _ in points]
+    if x <= xs[0]:
+        return points[0][1]
+    if x >= xs[-1]:
+        return points[-1][1]
+    i = bisect.bisect_right(xs, x)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def opus_ie(bitrate_kbps: float, complexity: int = 10) -> float:
+    """Ie of our Opus encoder at `bitrate_kbps` and `complexity` (0..10).
+
+    Interpolated in bitrate (clamped at 16 and 64 kbit/s) and linearly in
+    complexity between the measured 5 and 10; below 5 the complexity-5 figure
+    is used, which flatters complexities 0-4 (not measured).
+    """
+    low = _interpolate(OPUS_IE_BY_COMPLEXITY[5], bitrate_kbps)
+    high = _interpolate(OPUS_IE_BY_COMPLEXITY[10], bitrate_kbps)
+    share = min(1.0, max(0.0, (complexity - 5) / 5.0))
+    return low + (high - low) * share
+
+
+def receiver_loss_handling(*, ours: bool, fec_sent: bool) -> LossHandling:
+    """How the far end conceals our lost packets: one of our agents fades; libopus uses PLC.
+
+    A far end that is not ours (a browser, a SIP phone) is assumed to run
+    libopus with PLC, and to use in-band FEC when we send it.
+    """
+    if ours:
+        return LossHandling.FADE
+    return LossHandling.OPUS_PLC_FEC if fec_sent else LossHandling.OPUS_PLC
 
 
 def one_way_delay_ms(

@@ -109,6 +109,7 @@ class Alert(_Payload):
     runbook: str | None = None
     call_id: str | None = None
     since: float | None = None
+    trace_id: str | None = None
 
 
 class AudioQuality(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -141,6 +142,7 @@ class Quality(_Payload):
     direction: str | None = None
     remote_loss_pct: float | None = None
     remote_mos: float | None = None
+    trace_id: str | None = None
 
 
 class IcePair(msgspec.Struct, kw_only=True):
@@ -168,6 +170,17 @@ class Summary(_Payload):
     ice: IcePair
     started_ts: float | None = None
     playout: dict[str, Any] | None = None
+
+
+class Traces(_Payload):
+    """Spans on `traces`: an OTLP/JSON ExportTraceServiceRequest plus this envelope.
+
+    `resourceSpans` is OTLP/JSON as the OpenTelemetry protocol defines it (hex ids,
+    integer enums); `seq` orders it with the other spooled messages.
+    """
+
+    seq: int
+    resource_spans: list[dict[str, Any]] = msgspec.field(name="resourceSpans")
 
 
 class ExceptionInfo(msgspec.Struct, kw_only=True):
@@ -231,6 +244,7 @@ SCHEMA_TYPES: dict[str, type[msgspec.Struct]] = {
     "quality": Quality,
     "summary": Summary,
     "crash": Crash,
+    "traces": Traces,
     "command_response": CommandResponse,
     "signal": Signal,
 }

@@ -23,8 +23,10 @@ spool is the lossless path.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
+import platform
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,6 +34,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
 from google.protobuf import json_format  # type: ignore[import-untyped]
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -45,6 +48,8 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
+
+from edgeagent.telemetry import payloads as p
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +66,20 @@ PHASES = (
     "call.active",
     "teardown",
 )
-"""The call phases the CallSession records, in their usual order."""
+"""The phases of an outgoing call as the CallManager and CallSession record them."""
+INCOMING_PHASES = (
+    "ringing",
+    "signaling.answer",
+    "ice.gathering",
+    "ice.connect",
+    "dtls",
+    "media.first_packet",
+    "call.active",
+    "teardown",
+)
+"""The phases of an incoming call (`ringing` only under the ring policy)."""
+ENVELOPE_KEYS = ("v", "device", "ts", "seq")
+"""Top-level keys the MQTT export adds next to `resourceSpans` (protocol envelope)."""
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _ID_KEYS = ("traceId", "spanId", "parentSpanId")
@@ -86,6 +104,15 @@ def build_resource(
             "os.description": os_name,
         }
     )
+
+
+def os_description() -> str:
+    """The OS for the resource: os-release's PRETTY_NAME and the kernel, else platform()."""
+    try:
+        pretty = platform.freedesktop_os_release().get("PRETTY_NAME", "")
+    except OSError:
+        pretty = ""
+    return f"{pretty} ({platform.release()})" if pretty else platform.platform()
 
 
 def build_tracer_provider(
@@ -258,16 +285,25 @@ class TailSampler(SpanProcessor):
 # -- exporters ---------------------------------------------------------------------
 
 
+def encode_otlp_dict(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
+    """Spans as an OTLP/JSON document (`{"resourceSpans": [...]}`), not yet serialised."""
+    data: dict[str, Any] = json_format.MessageToDict(
+        encode_spans(spans), use_integers_for_enums=True
+    )
+    _convert_ids(data, _b64_to_hex)
+    return data
+
+
 def encode_otlp_json(spans: Sequence[ReadableSpan]) -> bytes:
     """Spans as OTLP/JSON (`{"resourceSpans": [...]}`): hex ids, integer enums, camelCase."""
-    data = json_format.MessageToDict(encode_spans(spans), use_integers_for_enums=True)
-    _convert_ids(data, _b64_to_hex)
-    return json.dumps(data, separators=(",", ":")).encode()
+    return json.dumps(encode_otlp_dict(spans), separators=(",", ":")).encode()
 
 
 def decode_otlp_json(payload: bytes | str) -> ExportTraceServiceRequest:
     """Parse OTLP/JSON back into the protobuf request (strict: unknown fields are errors)."""
     data = json.loads(payload)
+    for key in ENVELOPE_KEYS:  # the MQTT export's envelope is not part of OTLP
+        data.pop(key, None)
     _convert_ids(data, _hex_to_b64)
     request = ExportTraceServiceRequest()
     json_format.Parse(json.dumps(data), request)
@@ -293,19 +329,42 @@ def _hex_to_b64(value: str) -> str:
     return base64.b64encode(bytes.fromhex(value)).decode()
 
 
-class MqttSpanExporter(SpanExporter):
-    """Writes span batches as OTLP/JSON to the spool (`put`), for the `traces` topic.
+SpoolPut = Callable[[Callable[[int], bytes]], object]
+"""Commits a message built for the next spool seq (`Publisher.spool_bytes` bound to a topic)."""
 
-    `put` must be synchronous and local (the spool), so export works offline.
+
+class MqttSpanExporter(SpanExporter):
+    """Writes span batches to the spool as `traces` messages: OTLP/JSON plus the envelope.
+
+    Each message is `{"v", "device", "ts", "seq", "resourceSpans"}`; `decode_otlp_json`
+    ignores the envelope. `put` must be synchronous and local (the spool), so export
+    works offline and nothing is lost while the broker is away.
     """
 
-    def __init__(self, put: Callable[[bytes], object], *, max_spans_per_message: int = 100):
+    def __init__(
+        self,
+        put: SpoolPut,
+        *,
+        device: str,
+        wall: Callable[[], float],
+        max_spans_per_message: int = 100,
+    ) -> None:
         self._put = put
+        self._device = device
+        self._wall = wall
         self._max = max_spans_per_message
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         for start in range(0, len(spans), self._max):
-            self._put(encode_otlp_json(spans[start : start + self._max]))
+            body = encode_otlp_dict(spans[start : start + self._max])
+            message = p.Traces(
+                v=p.PROTOCOL_VERSION,
+                device=self._device,
+                ts=round(self._wall(), 3),
+                seq=0,
+                resource_spans=body.get("resourceSpans", []),
+            )
+            self._put(functools.partial(_with_seq, message))
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
@@ -313,6 +372,10 @@ class MqttSpanExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
+
+
+def _with_seq(message: p.Traces, seq: int) -> bytes:
+    return p.encode(msgspec.structs.replace(message, seq=seq))
 
 
 def otlp_http_exporter(
@@ -374,6 +437,11 @@ class CallTracer:
         return self._root
 
     @property
+    def active(self) -> bool:
+        """True between `start_call` and `end_call`: phases may begin."""
+        return self._root is not None and not self._ended
+
+    @property
     def trace_id(self) -> str | None:
         """Hex trace id for events, summaries and crash reports; None before start or untraced."""
         if self._root is None or not self._root.get_span_context().is_valid:
@@ -413,6 +481,10 @@ class CallTracer:
         self._phases[name] = span
         return span
 
+    def phase_span(self, name: str) -> Span | None:
+        """The open span of phase `name` (to add attributes), or None."""
+        return self._phases.get(name)
+
     def end_phase(self, name: str, *, error: str | None = None) -> None:
         span = self._phases.pop(name, None)
         if span is None:
@@ -448,11 +520,15 @@ class CallTracer:
         *,
         end_reason: str | None = None,
     ) -> None:
-        """End open phases and the root with `call.result` (ERROR status when failed)."""
+        """End open phases and the root with `call.result` (ERROR status when failed).
+
+        A failed call's open phases are where it failed: they end with ERROR too.
+        """
         if self._root is None or self._ended:
             return
+        failed = (end_reason or "call failed") if result == "failed" else None
         for name in list(self._phases):
-            self.end_phase(name)
+            self.end_phase(name, error=failed)
         self._ended = True
         root = self._root
         root.set_attribute("call.result", result)
