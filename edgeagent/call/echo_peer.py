@@ -18,7 +18,8 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 
 from edgeagent.call import signaling as sig
 from edgeagent.call.ice import ice_configuration, restrict_host_addresses
-from edgeagent.call.opus import OpusSettings, install_opus_encoder, munge_sdp
+from edgeagent.call.opus import install_opus_encoder, munge_sdp
+from edgeagent.call.session import opus_settings
 from edgeagent.call.tracks import install_receive_path
 from edgeagent.config import Config
 from edgeagent.events import EventBus
@@ -109,7 +110,7 @@ class EchoPeer:
             )
         )
         self.calls[offer.call_id] = pc
-        opus = OpusSettings(bitrate_bps=self.cfg.call.opus_bitrate_kbps * 1000)
+        opus = opus_settings(self.cfg)
         tracks: list[MediaStreamTrack] = []
         pc.on("track", tracks.append)
 

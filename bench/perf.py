@@ -1,0 +1,799 @@
+"""Issue 7's table in one run: the full agent in a call against baresip 1.0.0, same run.
+
+Run: .venv/bin/python bench/perf.py [--quick] [--window-s 25] [--setup-calls 10]
+     [--gather-timeout-s S] [--skip-subbenches]
+
+What runs (all on 127.0.0.1):
+- a mosquitto on a free port;
+- the echo peer (`python -m edgeagent echo-peer`) and the agent (`python -m edgeagent run`)
+  as separate processes, the agent on file PCMs (speech in, speaker to /dev/null, paced)
+  with AEC, DSP checks, quality stats and telemetry on, `security.commands = "open"`;
+- this script as the operator: it sends `dial` and `hangup` commands (plain JSON claims)
+  and listens to the agent's events and to the echo peer's signal topic.
+
+Rows:
+- agent CPU per call-second: utime + stime of the agent process alone (/proc/<pid>/stat)
+  over a `--window-s` window that starts `settle` seconds after `call.established`,
+  divided by the window's wall time; baresip: two 1.0.0 instances calling each other
+  (bench/baresip.py), per endpoint, same window length, measured just before the agent.
+- agent RSS in that call: VmRSS, and USS/PSS from psutil (smaps).
+- offer to connected: arrival (at this script, through the broker) of the agent's offer on
+  the echo peer's signal topic to arrival of the agent's `call.established` event; median
+  of `--setup-calls` calls. The agent's own `setup_ms` (call start, which includes opening
+  the audio devices and creating the offer, to ICE+DTLS connected) is printed beside it.
+  Then the same with `stun:127.0.0.1:<closed port>` configured (the agent restarted).
+- added one-way latency, DSP per frame, start to READY and idle CPU: bench/latency.py,
+  bench/dsp.py and bench/agent.py run as subprocesses, one after another, their figures
+  parsed from their output.
+Timings on a shared 2-core VM are provisional: compare the ratio, not the absolute values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+
+import baresip  # noqa: E402
+from agent_support import agent_config  # noqa: E402
+from conftest import free_port, wait_port, write_mosquitto_conf  # noqa: E402
+
+PREFIX = "edge/v1"
+AGENT_ID = "perf-agent"
+ECHO_ID = "perf-echo"
+RATE = 48000
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def cpu_s(pid: int) -> float:
+    return baresip.cpu_s(pid)
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS, and USS/PSS (smaps) where readable."""
+    out = {"rss": baresip.status_kib(pid, "VmRSS") / 1024}
+    with contextlib.suppress(psutil.Error):
+        full = psutil.Process(pid).memory_full_info()
+        out["uss"] = full.uss / 2**20
+        out["pss"] = getattr(full, "pss", float("nan")) / 2**20
+    return out
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def mic_signal(tmp: Path, seconds: float) -> np.ndarray:
+    """Speech (espeak-ng) with pauses, repeated to `seconds`; noise bursts without espeak."""
+    speech: np.ndarray
+    if shutil.which("espeak-ng") and shutil.which("sox"):
+        wav, raw = tmp / "speech.wav", tmp / "speech.raw"
+        text = "This is the edge agent performance bench. One, two, three, four, five."
+        subprocess.run(["espeak-ng", "-w", str(wav), text], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "sox",
+                str(wav),
+                "-r",
+                "48000",
+                "-c",
+                "1",
+                "-b",
+                "16",
+                "-e",
+                "signed-integer",
+                str(raw),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        speech = np.frombuffer(raw.read_bytes(), dtype="<i2").astype(np.int16)
+    else:
+        rng = np.random.default_rng(1)
+        speech = np.clip(rng.normal(0, 3000, RATE * 2), -32768, 32767).astype(np.int16)
+    unit = np.concatenate([speech, np.zeros(RATE, dtype=np.int16)])
+    reps = int(np.ceil(seconds * RATE / unit.size))
+    return np.tile(unit, reps)[: int(seconds * RATE)]
+
+
+def write_asoundrc(tmp: Path, mic_seconds: float) -> Path:
+    mic = tmp / "mic.raw"
+    # Zeros after the speech: past its end a file PCM is not to be trusted.
+    samples = np.concatenate([mic_signal(tmp, mic_seconds), np.zeros(RATE * 60, dtype=np.int16)])
+    mic.write_bytes(samples.astype("<i2").tobytes())
+    conf = tmp / "asoundrc"
+    conf.write_text(
+        "</usr/share/alsa/alsa.conf>\n"
+        f'pcm.perf_mic {{ type file slave.pcm "null" infile "{mic}" file "/dev/null" '
+        'format "raw" }\n'
+        'pcm.perf_spk { type file slave.pcm "null" file "/dev/null" format "raw" }\n'
+    )
+    return conf
+
+
+def write_configs(
+    tmp: Path,
+    port: int,
+    *,
+    stun_url: str | None = None,
+    gather_timeout_s: float | None = None,
+    call_extra: str = "",
+    armed: tuple[str, ...] = (),
+) -> tuple[Path, Path]:
+    stun = f'stun_urls = ["{stun_url}"]\n' if stun_url else ""
+    gather = f"gather_timeout_s = {gather_timeout_s}\n" if gather_timeout_s is not None else ""
+    agent = agent_config(
+        tmp,
+        port,
+        AGENT_ID,
+        extra=f"""
+[ice]
+host_addresses = ["127.0.0.1"]
+{stun}{gather}
+[audio]
+capture_device = "perf_mic"
+playback_device = "perf_spk"
+paced = true
+[call]
+answer = "auto"
+default_peer = "{ECHO_ID}"
+{call_extra}
+[security]
+commands = "open"
+armed = {json.dumps(list(armed))}
+""",
+    )
+    echo = agent_config(
+        tmp,
+        port,
+        ECHO_ID,
+        extra='[ice]\nhost_addresses = ["127.0.0.1"]\n',
+    )
+    return agent, echo
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=dict(os.environ, **self.env),
+                cwd=ROOT,
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def agent_child(cfg: Path, env: dict[str, str], log: Path, extra_env: dict[str, str]) -> Child:
+    argv = [sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)]
+    return Child("agent", argv, dict(env, **extra_env), log)
+
+
+def echo_child(cfg: Path, env: dict[str, str], log: Path) -> Child:
+    argv = [sys.executable, "-m", "edgeagent", "echo-peer", "--config", str(cfg)]
+    return Child("echo-peer", argv, env, log)
+
+
+@contextlib.contextmanager
+def mosquitto(tmp: Path) -> Any:
+    port, ws = free_port(), free_port()
+    conf = tmp / "mosquitto.conf"
+    write_mosquitto_conf(conf, port, ws)
+    proc = subprocess.Popen(
+        ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_port(port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+# --- the operator: commands out, events in ----------------------------------------------------
+
+
+@dataclass
+class Msg:
+    topic: str
+    data: dict[str, Any]
+    at: float  # time.monotonic() on arrival here
+
+
+@dataclass
+class Operator:
+    """An MQTT client that dials/hangs up the agent and records what it hears, with times."""
+
+    client: aiomqtt.Client
+    messages: list[Msg] = field(default_factory=list)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def pump(self) -> None:
+        async for m in self.client.messages:
+            raw = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(data, dict):
+                continue
+            self.messages.append(Msg(m.topic.value, data, time.monotonic()))
+            async with self.changed:
+                self.changed.notify_all()
+
+    async def wait_for(
+        self, pred: Callable[[Msg], bool], start: int = 0, within_s: float = 20.0
+    ) -> Msg:
+        async with asyncio.timeout(within_s), self.changed:
+            i = start
+            while True:
+                while i < len(self.messages):
+                    if pred(self.messages[i]):
+                        return self.messages[i]
+                    i += 1
+                await self.changed.wait()
+
+    async def command(self, name: str, args: dict[str, Any], within_s: float = 30.0) -> Msg:
+        jti = uuid.uuid4().hex
+        now = int(time.time())
+        claims = {"jti": jti, "sub": AGENT_ID, "cmd": name, "args": args, "iat": now}
+        claims["exp"] = now + 120
+        mark = len(self.messages)
+        await self.client.publish(f"{PREFIX}/{AGENT_ID}/cmd/{name}", json.dumps(claims), qos=1)
+        return await self.wait_for(
+            lambda m: "/cmd-res/" in m.topic and m.data.get("id") == jti and m.data["code"] != 202,
+            mark,
+            within_s,
+        )
+
+    def event(self, category: str, call_id: str) -> Callable[[Msg], bool]:
+        return lambda m: (
+            m.topic.endswith("/events")
+            and m.data.get("category") == category
+            and m.data.get("call_id") == call_id
+        )
+
+
+@contextlib.asynccontextmanager
+async def operator(port: int) -> AsyncIterator[Operator]:
+    async with aiomqtt.Client(
+        "127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5, identifier="perf-operator"
+    ) as client:
+        for t in (
+            f"{PREFIX}/{AGENT_ID}/events",
+            f"{PREFIX}/{AGENT_ID}/cmd-res/#",
+            f"{PREFIX}/{AGENT_ID}/status",
+            f"{PREFIX}/{ECHO_ID}/signal",
+        ):
+            await client.subscribe(t, qos=1)
+        op = Operator(client)
+        task = asyncio.create_task(op.pump())
+        try:
+            yield op
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await task
+
+
+async def wait_online(op: Operator, child: Child, within_s: float = 20.0) -> None:
+    """Until the agent's retained status says online (and its command server listens)."""
+    try:
+        await op.wait_for(
+            lambda m: m.topic.endswith(f"{AGENT_ID}/status") and m.data.get("state") == "online",
+            0,
+            within_s,
+        )
+    except TimeoutError:
+        raise RuntimeError(f"agent did not come online:\n{child.tail()}") from None
+    # The command server subscribes right after connect; ping until it answers.
+    async with asyncio.timeout(within_s):
+        while True:
+            with contextlib.suppress(TimeoutError):
+                if (await op.command("ping", {}, within_s=1.0)).data["code"] == 200:
+                    return
+
+
+@dataclass
+class CallTimes:
+    call_id: str
+    offer_to_established_ms: float
+    setup_ms: float | None
+
+
+async def place_call(op: Operator, within_s: float = 20.0) -> CallTimes:
+    """Dial the echo peer; returns once `call.established` arrived (the call keeps going)."""
+    mark = len(op.messages)
+    res = await op.command("dial", {"peer": ECHO_ID})
+    if res.data["code"] != 200:
+        raise RuntimeError(f"dial refused: {res.data}")
+    call_id = res.data["result"]["call_id"]
+    offer = await op.wait_for(
+        lambda m: (
+            m.topic.endswith(f"{ECHO_ID}/signal")
+            and m.data.get("type") == "offer"
+            and m.data.get("call_id") == call_id
+        ),
+        mark,
+        within_s,
+    )
+    est = await op.wait_for(
+        lambda m: (
+            m.topic.endswith("/events")
+            and m.data.get("call_id") == call_id
+            and m.data.get("category") in ("call.established", "call.closed")
+        ),
+        mark,
+        within_s,
+    )
+    if est.data["category"] != "call.established":
+        raise RuntimeError(f"call {call_id} did not connect: {est.data.get('message')}")
+    setup = (est.data.get("data") or {}).get("setup_ms")
+    return CallTimes(call_id, (est.at - offer.at) * 1000, setup)
+
+
+async def end_call(op: Operator, call_id: str, within_s: float = 20.0) -> Msg:
+    """Hang up (if still up) and wait for `call.closed`."""
+    closed = [m for m in op.messages if op.event("call.closed", call_id)(m)]
+    if closed:
+        return closed[0]
+    await op.command("hangup", {"call_id": call_id})
+    return await op.wait_for(op.event("call.closed", call_id), 0, within_s)
+
+
+# --- measurements -----------------------------------------------------------------------------
+
+
+@dataclass
+class InCall:
+    cpu_ms_per_s: float
+    window_s: float
+    mem: dict[str, float]
+    fds: int
+
+
+async def measure_in_call(op: Operator, agent: Child, window_s: float, settle_s: float) -> InCall:
+    times = await place_call(op)
+    await op.wait_for(op.event("call.media_started", times.call_id), 0, 15)
+    await asyncio.sleep(settle_s)
+    c0, w0 = cpu_s(agent.pid), time.monotonic()
+    await asyncio.sleep(window_s)
+    c1, w1 = cpu_s(agent.pid), time.monotonic()
+    mem = memory_mib(agent.pid)
+    fds = open_fds(agent.pid)
+    if any(op.event("call.closed", times.call_id)(m) for m in op.messages):
+        raise RuntimeError("the call ended during the CPU window")
+    await end_call(op, times.call_id)
+    return InCall((c1 - c0) * 1000 / (w1 - w0), w1 - w0, mem, fds)
+
+
+async def measure_setup(op: Operator, n: int) -> list[CallTimes]:
+    out = []
+    for _ in range(n):
+        times = await place_call(op)
+        out.append(times)
+        await end_call(op, times.call_id)
+    return out
+
+
+@dataclass
+class AgentRun:
+    in_call: InCall | None = None
+    setup: list[CallTimes] = field(default_factory=list)
+
+
+async def run_agent_phase(
+    tmp: Path,
+    port: int,
+    env: dict[str, str],
+    *,
+    label: str,
+    stun_url: str | None,
+    gather_timeout_s: float | None,
+    setup_calls: int,
+    window_s: float | None,
+    settle_s: float,
+    profile_dir: Path | None = None,
+) -> AgentRun:
+    d = tmp / label
+    d.mkdir()
+    agent_cfg, echo_cfg = write_configs(
+        d, port, stun_url=stun_url, gather_timeout_s=gather_timeout_s
+    )
+    echo = echo_child(echo_cfg, env, d / "echo.log")
+    agent = agent_child(agent_cfg, env, d / "agent.log", {})
+    result = AgentRun()
+    echo.start()
+    try:
+        async with operator(port) as op:
+            agent.start()
+            try:
+                await wait_online(op, agent)
+                # One call to warm up (first-call imports and allocations), not measured.
+                warm = await place_call(op)
+                await end_call(op, warm.call_id)
+                if window_s is not None:
+                    result.in_call = await measure_in_call(op, agent, window_s, settle_s)
+                result.setup = await measure_setup(op, setup_calls)
+                if profile_dir is not None:
+                    await profile_agent(op, agent, echo, profile_dir, window_s or 10.0)
+            except Exception:
+                print(f"--- agent log ({label}):\n{agent.tail()}", file=sys.stderr)
+                print(f"--- echo log ({label}):\n{echo.tail()}", file=sys.stderr)
+                raise
+            finally:
+                agent.stop()
+    finally:
+        echo.stop()
+    return result
+
+
+# --- py-spy (--py-spy DIR) ---------------------------------------------------------------------
+
+
+PY_SPY = Path(sys.executable).with_name("py-spy")
+
+
+async def py_spy_start(
+    pid: int, out: Path, rate: int, fmt: str = "raw"
+) -> asyncio.subprocess.Process:
+    """`py-spy record` on `pid` until stopped with SIGINT (non-blocking sampling)."""
+    return await asyncio.create_subprocess_exec(
+        str(PY_SPY),
+        "record",
+        "--nonblocking",
+        "-p",
+        str(pid),
+        "-r",
+        str(rate),
+        "-f",
+        fmt,
+        "-o",
+        str(out),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+async def py_spy_stop(proc: asyncio.subprocess.Process) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        await asyncio.wait_for(proc.wait(), 30)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
+def summarize_collapsed(path: Path, top: int = 20) -> str:
+    """Top functions by self and by inclusive samples from py-spy's raw (collapsed) output."""
+    self_n: collections.Counter[str] = collections.Counter()
+    incl_n: collections.Counter[str] = collections.Counter()
+    total = 0
+    if not path.exists():
+        return f"{path}: no profile written"
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        total += n
+        self_n[frames[-1]] += n
+        for f in set(frames):
+            incl_n[f] += n
+    lines = [f"{path.name}: {total} samples"]
+    lines.append("  self %   function")
+    lines += [f"  {100 * c / total:6.1f}   {f}" for f, c in self_n.most_common(top)]
+    lines.append("  incl %   function")
+    lines += [f"  {100 * c / total:6.1f}   {f}" for f, c in incl_n.most_common(top)]
+    return "\n".join(lines)
+
+
+async def profile_agent(
+    op: Operator, agent: Child, echo: Child, out: Path, window_s: float
+) -> None:
+    """py-spy over one call's steady state, then over setup calls (agent and echo peer)."""
+    times = await place_call(op)
+    await op.wait_for(op.event("call.media_started", times.call_id), 0, 15)
+    await asyncio.sleep(3)
+    spies = [
+        await py_spy_start(agent.pid, out / "call-agent.txt", 100),
+        await py_spy_start(agent.pid, out / "call-agent.speedscope.json", 100, "speedscope"),
+    ]
+    await asyncio.sleep(window_s)
+    for spy in spies:
+        await py_spy_stop(spy)
+    await end_call(op, times.call_id)
+    await asyncio.sleep(1)
+    spies = [
+        await py_spy_start(agent.pid, out / "setup-agent.txt", 1000),
+        await py_spy_start(echo.pid, out / "setup-echo.txt", 1000),
+    ]
+    await asyncio.sleep(1)
+    cpu = []
+    for _ in range(10):
+        c0, e0 = cpu_s(agent.pid), cpu_s(echo.pid)
+        t = await place_call(op)
+        cpu.append((t.offer_to_established_ms, cpu_s(agent.pid) - c0, cpu_s(echo.pid) - e0))
+        await end_call(op, t.call_id)
+    for spy in spies:
+        await py_spy_stop(spy)
+    for name in ("call-agent.txt", "setup-agent.txt", "setup-echo.txt"):
+        text = summarize_collapsed(out / name)
+        (out / name).with_suffix(".summary").write_text(text + "\n")
+        print(text)
+    print("under py-spy: offer->established ms; agent, echo CPU s (dial->established)")
+    for o2c, a, e in cpu:
+        print(f"  {o2c:6.1f}  {a:5.2f}  {e:5.2f}")
+
+
+# --- the sub-benchmarks -----------------------------------------------------------------------
+
+
+def run_sub(script: str, args: list[str], timeout: float) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        print(f"bench/{script} failed ({proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+    return proc.stdout
+
+
+def parse_float(pattern: str, text: str) -> float | None:
+    m = re.search(pattern, text, re.MULTILINE)
+    return float(m.group(1)) if m else None
+
+
+@dataclass
+class Subs:
+    latency_ms: float | None = None
+    dsp_us: float | None = None
+    ready_ms: float | None = None
+    idle_pct: float | None = None
+    idle_rss: float | None = None
+
+
+def run_subbenches(quick: bool) -> Subs:
+    s = Subs()
+    out = run_sub("latency.py", ["--runs", "1" if quick else "3"], 600)
+    s.latency_ms = parse_float(r"added one-way latency, median of \d+: ([\d.]+) ms", out)
+    dsp_args = ["--seconds", "3", "--repeats", "3"] if quick else []
+    out = run_sub("dsp.py", dsp_args, 600)
+    s.dsp_us = parse_float(r"^ALL CHECKS, 3 streams \+ echo\s+([\d.]+)", out)
+    out = run_sub("agent.py", [], 900)
+    s.ready_ms = parse_float(r"^start to READY=1, median of \d+ \(ms\)\s+([\d.]+)", out)
+    s.idle_pct = parse_float(r"^idle CPU over 30 s \(% of a core\)\s+([\d.]+)", out)
+    s.idle_rss = parse_float(r"^idle RSS \(MiB\)\s+([\d.]+)", out)
+    return s
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+def fmt(v: float | None, spec: str = ".1f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def row(metric: str, value: str, target: str, note: str = "") -> None:
+    print(f"{metric:48} {value:>14}  {target:14} {note}")
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    settle_s = 3.0
+    with tempfile.TemporaryDirectory(prefix="bench-perf-") as d, mosquitto(Path(d)) as port:
+        tmp = Path(d)
+        conf = write_asoundrc(tmp, settle_s + args.window_s + 30)
+        env = {"ALSA_CONFIG_PATH": str(conf)}
+        ref = None
+        if baresip.available():
+            print(f"baresip reference: {args.window_s:.0f} s window ...", flush=True)
+            ref = baresip.measure(args.window_s, settle_s=4.0)
+        else:
+            print("baresip-core is not installed: no reference", file=sys.stderr)
+        print(f"agent in a call with the echo peer: {args.window_s:.0f} s window ...", flush=True)
+        plain = await run_agent_phase(
+            tmp,
+            port,
+            env,
+            label="plain",
+            stun_url=None,
+            gather_timeout_s=args.gather_timeout_s,
+            setup_calls=args.setup_calls,
+            window_s=args.window_s,
+            settle_s=settle_s,
+        )
+        if args.py_spy is not None:
+            print(f"py-spy profiles into {args.py_spy} ...", flush=True)
+            await run_agent_phase(
+                tmp,
+                port,
+                env,
+                label="profile",
+                stun_url=None,
+                gather_timeout_s=args.gather_timeout_s,
+                setup_calls=0,
+                window_s=None,
+                settle_s=settle_s,
+                profile_dir=args.py_spy,
+            )
+        print("agent with an unreachable STUN server ...", flush=True)
+        dead_port = free_port()  # nothing listens there (UDP: the port is only probed as TCP)
+        dead = await run_agent_phase(
+            tmp,
+            port,
+            env,
+            label="deadstun",
+            stun_url=f"stun:127.0.0.1:{dead_port}",
+            gather_timeout_s=args.gather_timeout_s,
+            setup_calls=max(3, args.setup_calls // 2),
+            window_s=None,
+            settle_s=settle_s,
+        )
+    subs = Subs()
+    if not args.skip_subbenches:
+        print("sub-benchmarks: latency.py, dsp.py, agent.py ...", flush=True)
+        subs = run_subbenches(args.quick)
+
+    ic = plain.in_call
+    assert ic is not None
+    o2c = [c.offer_to_established_ms for c in plain.setup]
+    setup = [c.setup_ms for c in plain.setup if c.setup_ms is not None]
+    o2c_dead = [c.offer_to_established_ms for c in dead.setup]
+    setup_dead = [c.setup_ms for c in dead.setup if c.setup_ms is not None]
+    gt = "default" if args.gather_timeout_s is None else f"{args.gather_timeout_s} s"
+    print()
+    print(
+        f"edgeagent performance, {time.strftime('%Y-%m-%d %H:%M')}, "
+        f"{os.cpu_count()} CPUs, window {ic.window_s:.1f} s, ICE gather timeout {gt}"
+    )
+    row("metric", "value", "target", "note")
+    row("-" * 48, "-" * 14, "-" * 14, "-" * 20)
+    if ref is not None:
+        ratio = ic.cpu_ms_per_s / ref.per_endpoint_ms
+        row(
+            "agent CPU per call-second / baresip endpoint's",
+            f"{ratio:.2f}",
+            "<= 1.0 (i3 1.5)",
+            f"agent {ic.cpu_ms_per_s:.1f} ms/s vs baresip {ref.per_endpoint_ms:.1f} ms/s",
+        )
+        row(
+            "  baresip 1.0.0 per endpoint (ms CPU per s)",
+            f"{ref.per_endpoint_ms:.1f}",
+            "",
+            f"caller {ref.cpu_ms_per_call_s[0]:.1f}, callee {ref.cpu_ms_per_call_s[1]:.1f}; "
+            f"RSS {ref.rss_mib[0]:.1f} MiB",
+        )
+    row("  agent (ms CPU per call-second)", f"{ic.cpu_ms_per_s:.1f}", "", "agent process only")
+    note = f"USS {fmt(ic.mem.get('uss'))}, PSS {fmt(ic.mem.get('pss'))} MiB; {ic.fds} open fds"
+    row("agent RSS during a call (MiB)", f"{ic.mem['rss']:.1f}", "<= 64", note)
+    row(
+        "offer to connected, loopback (ms)",
+        fmt(median(o2c)),
+        "<= 30 (i3 50)",
+        f"offer on the wire -> established; median of {len(o2c)}, "
+        f"range {fmt(min(o2c, default=None))}-{fmt(max(o2c, default=None))}",
+    )
+    row(
+        "  call start to connected, loopback (ms)",
+        fmt(median(setup)),
+        "",
+        "agent setup_ms: + device open, offer creation and ICE gathering",
+    )
+    row(
+        "call start to connected, dead STUN (ms)",
+        fmt(median(setup_dead)),
+        "<= 1000",
+        f"agent setup_ms, median of {len(setup_dead)}; offer on the wire -> established "
+        f"{fmt(median(o2c_dead))} ms (gathering happens before the offer is sent)",
+    )
+    row(
+        "added one-way latency, bench loop (ms)",
+        fmt(subs.latency_ms),
+        "<= 60 (i3 80)",
+        "bench/latency.py",
+    )
+    row("all DSP checks per 20 ms frame (µs)", fmt(subs.dsp_us, ".2f"), "<= 40", "bench/dsp.py")
+    row("start to READY=1 (ms)", fmt(subs.ready_ms, ".0f"), "<= 1000", "bench/agent.py")
+    row(
+        "idle CPU (% of a core)",
+        fmt(subs.idle_pct, ".2f"),
+        "<= 0.5",
+        f"bench/agent.py; idle RSS {fmt(subs.idle_rss)} MiB",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short windows, fewer runs")
+    parser.add_argument("--window-s", type=float, default=None, help="CPU window (default 25)")
+    parser.add_argument("--setup-calls", type=int, default=None, help="default 10 (quick 5)")
+    parser.add_argument(
+        "--gather-timeout-s",
+        type=float,
+        default=None,
+        help="ice.gather_timeout_s for the agent (default: the product default)",
+    )
+    parser.add_argument("--skip-subbenches", action="store_true")
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="DIR",
+        help="also profile a call and 10 setups with py-spy (extra phase, not in the table)",
+    )
+    args = parser.parse_args()
+    if args.py_spy is not None:
+        args.py_spy.mkdir(parents=True, exist_ok=True)
+    if args.window_s is None:
+        args.window_s = 10.0 if args.quick else 25.0
+    if args.setup_calls is None:
+        args.setup_calls = 5 if args.quick else 10
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
