@@ -1,7 +1,7 @@
 """Issue 7's table in one run: the full agent in a call against baresip 1.0.0, same run.
 
 Run: .venv/bin/python bench/perf.py [--quick] [--window-s 25] [--setup-calls 10]
-     [--gather-timeout-s S] [--skip-subbenches]
+     [--gather-timeout-s S] [--skip-subbenches] [--phases]
 
 What runs (all on 127.0.0.1):
 - a mosquitto on a free port;
@@ -22,6 +22,9 @@ Rows:
   of `--setup-calls` calls. The agent's own `setup_ms` (call start, which includes opening
   the audio devices and creating the offer, to ICE+DTLS connected) is printed beside it.
   Then the same with `stun:127.0.0.1:<closed port>` configured (the agent restarted).
+  `--phases` adds where that time goes: the agent's call spans (docs/tracing.md, exported on
+  its `traces` topic) as offsets from the call's start, and the echo peer's answer time
+  (offer seen on its signal topic -> answer seen on the agent's), medians over the calls.
 - added one-way latency, DSP per frame, start to READY and idle CPU: bench/latency.py,
   bench/dsp.py and bench/agent.py run as subprocesses, one after another, their figures
   parsed from their output.
@@ -309,16 +312,19 @@ class Operator:
 
 
 @contextlib.asynccontextmanager
-async def operator(port: int) -> AsyncIterator[Operator]:
+async def operator(port: int, phases: bool = False) -> AsyncIterator[Operator]:
     async with aiomqtt.Client(
         "127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5, identifier="perf-operator"
     ) as client:
-        for t in (
+        topics = [
             f"{PREFIX}/{AGENT_ID}/events",
             f"{PREFIX}/{AGENT_ID}/cmd-res/#",
             f"{PREFIX}/{AGENT_ID}/status",
             f"{PREFIX}/{ECHO_ID}/signal",
-        ):
+        ]
+        if phases:  # the agent's call spans and the echo peer's answers
+            topics += [f"{PREFIX}/{AGENT_ID}/traces", f"{PREFIX}/{AGENT_ID}/signal"]
+        for t in topics:
             await client.subscribe(t, qos=1)
         op = Operator(client)
         task = asyncio.create_task(op.pump())
@@ -430,10 +436,109 @@ async def measure_setup(op: Operator, n: int) -> list[CallTimes]:
     return out
 
 
+# --- phases (--phases) -------------------------------------------------------------------------
+
+SETUP_PHASES = (
+    "signaling.offer",
+    "ice.gathering",
+    "signaling.answer_wait",
+    "ice.connect",
+    "dtls",
+)
+
+
+def call_phases(op: Operator, call_id: str) -> dict[str, tuple[float, float]] | None:
+    """{phase: (start, end)} in ms from the root span's start, from the exported trace."""
+    spans: list[dict[str, Any]] = []
+    for m in op.messages:
+        if not m.topic.endswith("/traces"):
+            continue
+        for rs in m.data.get("resourceSpans", []):
+            for ss in rs.get("scopeSpans", []):
+                spans += ss.get("spans", [])
+    roots = [
+        s
+        for s in spans
+        if s.get("name") == "call"
+        and any(
+            a.get("key") == "call.id" and a.get("value", {}).get("stringValue") == call_id
+            for a in s.get("attributes", [])
+        )
+    ]
+    if not roots:
+        return None
+    root = roots[0]
+    t0 = int(root["startTimeUnixNano"])
+    out = {}
+    for s in spans:
+        if s.get("traceId") == root["traceId"] and s.get("parentSpanId") == root["spanId"]:
+            start = (int(s["startTimeUnixNano"]) - t0) / 1e6
+            out[s["name"]] = (start, (int(s["endTimeUnixNano"]) - t0) / 1e6)
+    return out
+
+
+def echo_answer_ms(op: Operator, call_id: str) -> float | None:
+    """Offer seen on the echo peer's topic -> its answer seen on the agent's (both here)."""
+
+    def seen(topic_end: str, kind: str) -> float | None:
+        for m in op.messages:
+            if (
+                m.topic.endswith(topic_end)
+                and m.data.get("type") == kind
+                and m.data.get("call_id") == call_id
+            ):
+                return m.at
+        return None
+
+    offer, answer = seen(f"{ECHO_ID}/signal", "offer"), seen(f"{AGENT_ID}/signal", "answer")
+    return None if offer is None or answer is None else (answer - offer) * 1000
+
+
+async def collect_phases(op: Operator, calls: list[CallTimes], within_s: float = 10.0) -> Phases:
+    """Wait for every call's trace (exported when the call ends), then take the phases."""
+    got: dict[str, dict[str, tuple[float, float]]] = {}
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within_s):
+            while True:
+                for c in calls:
+                    if c.call_id not in got and (ph := call_phases(op, c.call_id)) is not None:
+                        got[c.call_id] = ph
+                if len(got) == len(calls):
+                    break
+                async with op.changed:
+                    await op.changed.wait()
+    echo = [e for c in calls if (e := echo_answer_ms(op, c.call_id)) is not None]
+    return Phases(list(got.values()), echo)
+
+
+@dataclass
+class Phases:
+    calls: list[dict[str, tuple[float, float]]]
+    echo_answer_ms: list[float]
+
+    def print(self, label: str) -> None:
+        print(f"\nphases of the agent's call set-up ({label}), ms from call start, ", end="")
+        print(f"medians of {len(self.calls)} traced calls:")
+        print(f"  {'phase':<24} {'start':>8} {'end':>8} {'duration':>9}")
+        names = [n for n in SETUP_PHASES if any(n in c for c in self.calls)]
+        for name in names:
+            have = [c[name] for c in self.calls if name in c]
+            start = statistics.median(s for s, _ in have)
+            end = statistics.median(e for _, e in have)
+            dur = statistics.median(e - s for s, e in have)
+            print(f"  {name:<24} {start:8.1f} {end:8.1f} {dur:9.1f}")
+        if self.echo_answer_ms:
+            print(
+                f"  {'echo peer: offer->answer':<24} {'':>8} {'':>8} "
+                f"{statistics.median(self.echo_answer_ms):9.1f}  (seen here, incl. 2 broker hops)"
+            )
+
+
 @dataclass
 class AgentRun:
     in_call: InCall | None = None
     setup: list[CallTimes] = field(default_factory=list)
+    phases: Phases | None = None
 
 
 async def run_agent_phase(
@@ -448,6 +553,7 @@ async def run_agent_phase(
     window_s: float | None,
     settle_s: float,
     profile_dir: Path | None = None,
+    phases: bool = False,
 ) -> AgentRun:
     d = tmp / label
     d.mkdir()
@@ -459,7 +565,7 @@ async def run_agent_phase(
     result = AgentRun()
     echo.start()
     try:
-        async with operator(port) as op:
+        async with operator(port, phases) as op:
             agent.start()
             try:
                 await wait_online(op, agent)
@@ -469,6 +575,8 @@ async def run_agent_phase(
                 if window_s is not None:
                     result.in_call = await measure_in_call(op, agent, window_s, settle_s)
                 result.setup = await measure_setup(op, setup_calls)
+                if phases:
+                    result.phases = await collect_phases(op, result.setup)
                 if profile_dir is not None:
                     await profile_agent(op, agent, echo, profile_dir, window_s or 10.0)
             except Exception:
@@ -666,6 +774,7 @@ async def main_async(args: argparse.Namespace) -> None:
             setup_calls=args.setup_calls,
             window_s=args.window_s,
             settle_s=settle_s,
+            phases=args.phases,
         )
         if args.py_spy is not None:
             print(f"py-spy profiles into {args.py_spy} ...", flush=True)
@@ -693,6 +802,7 @@ async def main_async(args: argparse.Namespace) -> None:
             setup_calls=max(3, args.setup_calls // 2),
             window_s=None,
             settle_s=settle_s,
+            phases=args.phases,
         )
     subs = Subs()
     if not args.skip_subbenches:
@@ -765,6 +875,10 @@ async def main_async(args: argparse.Namespace) -> None:
         "<= 0.5",
         f"bench/agent.py; idle RSS {fmt(subs.idle_rss)} MiB",
     )
+    if plain.phases is not None:
+        plain.phases.print("loopback")
+    if dead.phases is not None:
+        dead.phases.print("unreachable STUN server")
 
 
 def main() -> None:
@@ -779,6 +893,11 @@ def main() -> None:
         help="ice.gather_timeout_s for the agent (default: the product default)",
     )
     parser.add_argument("--skip-subbenches", action="store_true")
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="also print where set-up time goes (the agent's call spans, the echo peer's answer)",
+    )
     parser.add_argument(
         "--py-spy",
         type=Path,

@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from edgeagent import __version__
 from edgeagent.call.calltest import run_call_test
+from edgeagent.call.ice import stun_seen_down
 from edgeagent.call.manager import Call, CallManager
 from edgeagent.clock import Clock, SystemClock
 from edgeagent.config import Config, config_hash
@@ -216,6 +217,7 @@ class Agent:
             on_finished=self._on_call_finished,
             on_fault=self._on_audio_fault,
             alerts=self.alerts,
+            stun_down=self._stun_seen_down,
             tracer=(
                 self.tracer_provider.get_tracer("edgeagent.call", __version__)
                 if self.tracer_provider is not None
@@ -227,6 +229,12 @@ class Agent:
         self.bus.subscribe(Noted, self._on_noted)
         self.bus.subscribe(BrokerConnected, lambda _e: self._set_online(True))
         self.bus.subscribe(BrokerDisconnected, lambda _e: self._set_online(False))
+
+    def _stun_seen_down(self) -> bool:
+        """The latest network probe found the (first, the only used) STUN server dead."""
+        latest = self.netwatch.latest
+        stun = self.cfg.ice.stun_urls
+        return latest is not None and bool(stun) and stun_seen_down(latest.stun, stun[0])
 
     # --- payloads -------------------------------------------------------------------------
 

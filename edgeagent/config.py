@@ -111,7 +111,10 @@ class IceConfig(_Section):
     relay_only: bool = False
     host_addresses: list[str] = []
     """Local addresses or interface names ICE may use; empty means every interface."""
-    gather_timeout_s: float = Field(2.0, gt=0)
+    gather_timeout_s: float = Field(0.7, gt=0)
+    """How long gathering waits for STUN/TURN. aiortc does not trickle: the offer (or
+    answer) waits this long behind a dead server, so it is short; 0.7 s still covers
+    one lost STUN request (aioice retransmits after 0.5 s) on a 200 ms RTT link."""
 
 
 class AecConfig(_Section):

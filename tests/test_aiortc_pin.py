@@ -194,3 +194,43 @@ def test_ice_failure_reporting_internals_are_there() -> None:
     assert hasattr(conn, "_nominated"), DRIFT
     assert hasattr(conn, "turn_server") and hasattr(conn, "turn_transport"), DRIFT
     assert hasattr(aiortc.rtcicetransport.RTCIceTransport, "_RTCIceTransport__setState"), DRIFT
+
+
+def test_aioice_connect_is_still_the_loop_our_connect_replays() -> None:
+    """edgeagent/call/ice.py `_connect` is aioice 0.13's `Connection.connect` with our Ta and
+    an early end: if aioice's steps change, re-derive it (or drop it if aioice got faster)."""
+    src = inspect.getsource(aioice.ice.Connection.connect)
+    for step in (
+        "self._pair_remote_candidate(remote_candidate)",
+        "self.sort_check_list()",
+        "self._unfreeze_initial()",
+        "self.check_incoming(*early_check)",
+        "self._early_checks_done = True",
+        "if not self._check_periodic():",
+        "await asyncio.sleep(0.02)",
+        "res = await self._check_list_state.get()",
+        "self._query_consent_task = asyncio.create_task(self.query_consent())",
+    ):
+        assert step in src, f"aioice Connection.connect lost {step!r}. {DRIFT}"
+    assert src.count("\n") < 60, f"aioice Connection.connect grew. {DRIFT}"
+    assert (aioice.ice.ICE_COMPLETED, aioice.ice.ICE_FAILED) == (1, 2), DRIFT
+    # Aggressive nomination by the controlling side: nothing for us to add.
+    assert "nominate = self.ice_controlling and not self.remote_is_lite" in inspect.getsource(
+        aioice.ice.Connection.check_start
+    ), DRIFT
+    # aiortc starts ICE through the connection's `connect` attribute (our instance override).
+    assert "await self._connection.connect()" in inspect.getsource(
+        aiortc.rtcicetransport.RTCIceTransport.start
+    ), DRIFT
+
+
+def test_aiortc_still_makes_its_dtls_certificate_inside_the_constructor() -> None:
+    """No per-connection certificate seam in 1.16: `RTCPeerConnection.__init__` generates one
+    (0.1 ms of CPU here), so reusing a process-wide one could not remove that cost without
+    patching aiortc process-wide. If a seam appears, see docs/profile.md section 5."""
+    src = inspect.getsource(RTCPeerConnection.__init__)
+    assert "self.__certificates = [RTCCertificate.generateCertificate()]" in src, DRIFT
+    assert list(inspect.signature(RTCPeerConnection.__init__).parameters) == [
+        "self",
+        "configuration",
+    ], DRIFT

@@ -13,7 +13,16 @@ Facts about aiortc 1.16 / aioice 0.13 this module works around:
   objects (an instance attribute, nothing process-wide), binding only the
   allowed addresses, loopback included when asked for.
 - A dead STUN/TURN server holds gathering for 5 s (aioice#4); the same
-  override passes our own `gather_timeout_s`.
+  override passes our own `gather_timeout_s`. aiortc does not trickle, so the
+  offer waits for the whole timeout: keep it short (config/edgeagent.toml),
+  and leave out a STUN server the agent's probes see as down (`without_stun`).
+- aioice paces connectivity checks with a fixed 20 ms sleep (the Ta timer) and
+  its check loop only notices success after that sleep: on loopback ICE took
+  22 ms for a 1 ms check. `_connect` replaces `Connection.connect` on each of
+  our connections (again an instance attribute) with the same steps, paced at
+  `check_interval_s` (5 ms by default: RFC 8445 section 14.2 allows Ta down to
+  5 ms) and ending as soon as the check list completes. The controlling side
+  already nominates on its first check (aioice uses aggressive nomination).
 
 - aioice swallows a failed TURN allocation (wrong credentials, dead server)
   and, since aiortc never signals end-of-candidates, a connection without a
@@ -32,7 +41,7 @@ import asyncio
 import ipaddress
 import logging
 import types
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import aioice.ice
@@ -43,7 +52,11 @@ from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
 logger = logging.getLogger(__name__)
 
+CHECK_INTERVAL_S = 0.005
+"""Ta for our connections: RFC 8445 section 14.2's floor (one stream, a few pairs)."""
+
 _MARK = "_edgeagent_ice_policy"
+_PACING = "_edgeagent_ice_pacing"
 _FAILURE = "_edgeagent_ice_failure"
 _TRANSPORT = "_edgeagent_ice_transport"
 
@@ -125,20 +138,90 @@ def restrict_host_addresses(
     allowed: Sequence[str] | None,
     *,
     gather_timeout_s: float = 3.0,
+    check_interval_s: float = CHECK_INTERVAL_S,
 ) -> int:
-    """Limit ICE host candidates of `pc` to `allowed` and bound STUN/TURN gathering time.
+    """Limit ICE host candidates of `pc` to `allowed`, bound gathering time, pace checks.
 
     `allowed=None` keeps aioice's own address choice (all but loopback) and
-    only applies the timeout. Returns how many ICE connections were set up.
+    only applies the timeout. Connectivity checks start every `check_interval_s`
+    (aioice: 20 ms). Returns how many ICE connections were set up.
     """
+    if check_interval_s < CHECK_INTERVAL_S:
+        raise ValueError(f"check_interval_s below RFC 8445's {CHECK_INTERVAL_S} s floor")
     count = 0
     for conn, transport in _connections(pc):
         if getattr(conn, _MARK, None) is None:
             conn.gather_candidates = types.MethodType(_gather_candidates, conn)
+            conn.connect = types.MethodType(_connect, conn)
         setattr(conn, _TRANSPORT, transport)
         setattr(conn, _MARK, (tuple(allowed) if allowed is not None else None, gather_timeout_s))
+        setattr(conn, _PACING, check_interval_s)
         count += 1
     return count
+
+
+async def _connect(conn: Any) -> None:
+    """aioice 0.13 `Connection.connect`, paced at our Ta and done as soon as ICE completes."""
+    if not conn._local_candidates_end:
+        raise ConnectionError("Local candidates gathering was not performed")
+    if conn.remote_username is None or conn.remote_password is None:
+        raise ConnectionError("Remote username or password is missing")
+    for remote_candidate in conn._remote_candidates:
+        conn._pair_remote_candidate(remote_candidate)
+    conn.sort_check_list()
+    conn._unfreeze_initial()
+    for early_check in conn._early_checks:
+        conn.check_incoming(*early_check)
+    conn._early_checks.clear()
+    conn._early_checks_done = True
+
+    interval = getattr(conn, _PACING, CHECK_INTERVAL_S)
+    outcome: asyncio.Future[int] = asyncio.ensure_future(conn._check_list_state.get())
+    try:
+        # aioice sleeps out a whole Ta after each check it starts, even when that
+        # check already completed ICE; wait on the outcome instead, at most one Ta.
+        while not outcome.done() and conn._check_periodic():
+            await asyncio.wait([outcome], timeout=interval)
+        res = await outcome if outcome.done() or conn._check_list else aioice.ice.ICE_FAILED
+    finally:
+        outcome.cancel()
+    for check in conn._check_list:
+        if check.task:
+            check.task.cancel()
+    if res != aioice.ice.ICE_COMPLETED:
+        raise ConnectionError("ICE negotiation failed")
+    conn._query_consent_task = asyncio.create_task(conn.query_consent())
+
+
+def without_stun(config: RTCConfiguration) -> RTCConfiguration:
+    """`config` minus its STUN servers (TURN and the policy kept).
+
+    For a call placed while the agent's own probes see the STUN server down:
+    aiortc does not trickle, so a dead STUN server only delays the offer by the
+    gathering timeout and adds no candidate.
+    """
+    servers = [
+        s
+        for s in config.iceServers or []
+        if not any(u.startswith(("stun:", "stuns:")) for u in _urls(s))
+    ]
+    return RTCConfiguration(iceServers=servers, iceTransportPolicy=config.iceTransportPolicy)
+
+
+def _urls(server: RTCIceServer) -> list[str]:
+    return [server.urls] if isinstance(server.urls, str) else list(server.urls)
+
+
+def stun_seen_down(probes: Iterable[Any], stun_url: str) -> bool:
+    """True when the agent's latest probe of `stun_url` found it unreachable.
+
+    `probes` are `edgeagent.health.probes.ProbeResult`s (netwatch's latest round);
+    no probe of that server yet means "not known down".
+    """
+    return any(
+        getattr(r, "url", None) == stun_url and str(getattr(r, "status", "")) == "unreachable"
+        for r in probes
+    )
 
 
 async def _gather_candidates(conn: Any) -> None:

@@ -103,7 +103,10 @@ class CallManager:
         check_offer: OfferCheck | None = None,
         alerts: AlertRules | None = None,
         tracer: trace.Tracer | None = None,
+        stun_down: Callable[[], bool] | None = None,
     ) -> None:
+        """`stun_down`: whether the agent's probes see the (first) STUN server down now
+        (see `edgeagent.call.ice.stun_seen_down`); such calls gather without it."""
         self.cfg = cfg
         self.link = link
         self.topics = topics
@@ -115,6 +118,7 @@ class CallManager:
         self._check_offer = check_offer
         self.alerts = alerts
         self.tracer: trace.Tracer = tracer or trace.NoOpTracer()
+        self._stun_down = stun_down
         self.active: Call | None = None
         self.history: list[Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -420,6 +424,7 @@ class CallManager:
                 data={"silent_s": round(s, 1)},
             ),
             spans=call.spans,
+            stun_down=self._stun_down,
         )
         call.session = session
         try:

@@ -22,7 +22,7 @@ from edgeagent.audio.checks import AudioIssueChanged, FrameAnalyzer, audio_objec
 from edgeagent.audio.echo import EchoDetector
 from edgeagent.audio.frames import Samples
 from edgeagent.audio.playout import PlayoutBuffer, PlayoutSettings
-from edgeagent.call.ice import ice_configuration, restrict_host_addresses
+from edgeagent.call.ice import ice_configuration, restrict_host_addresses, without_stun
 from edgeagent.call.opus import (
     LossHint,
     OpusSettings,
@@ -117,7 +117,10 @@ class CallSession:
         on_health: Callable[[str, tuple[str, ...]], None],
         on_media_stalled: Callable[[float], None],
         spans: CallTracer | None = None,
+        stun_down: Callable[[], bool] | None = None,
     ) -> None:
+        """`stun_down` says whether the agent's own probes currently see the STUN server
+        down; such a call gathers without it (it could only delay the offer)."""
         self.cfg = cfg
         self.spans = spans
         self.call_id = call_id
@@ -127,15 +130,21 @@ class CallSession:
         self._on_health = on_health
         self._on_media_stalled = on_media_stalled
         ice = cfg.ice
-        self.pc = RTCPeerConnection(
-            ice_configuration(
-                stun_urls=ice.stun_urls,
-                turn_urls=ice.turn_urls,
-                username=ice.turn_username,
-                credential=ice.turn_password.get_secret_value() if ice.turn_password else None,
-                relay_only=ice.relay_only,
-            )
+        rtc_config = ice_configuration(
+            stun_urls=ice.stun_urls,
+            turn_urls=ice.turn_urls,
+            username=ice.turn_username,
+            credential=ice.turn_password.get_secret_value() if ice.turn_password else None,
+            relay_only=ice.relay_only,
         )
+        if ice.stun_urls and stun_down is not None and stun_down():
+            logger.info(
+                "call %s: STUN %s unreachable at the last probe: gathering without it",
+                call_id,
+                ice.stun_urls[0],
+            )
+            rtc_config = without_stun(rtc_config)
+        self.pc = RTCPeerConnection(rtc_config)
         self.opus = opus_settings(cfg)
         self.loss_hint = LossHint()
         self.far_end_ours = False  # set from the remote SDP (`_after_remote`)
