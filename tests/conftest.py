@@ -59,6 +59,7 @@ def write_mosquitto_conf(path: Path, port: int, ws_port: int, extra: str = "") -
         f"allow_anonymous true\n"
         f"persistence false\n"
         f"log_dest stderr\n"
+        f"set_tcp_nodelay true\n"  # call signaling: small writes, no delayed-ACK stalls
         f"listener {port} 127.0.0.1\n"
         f"listener {ws_port}\n"
         f"socket_domain ipv4\n"
