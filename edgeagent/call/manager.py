@@ -140,6 +140,7 @@ class CallManager:
         call.answered = asyncio.get_running_loop().create_future()
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         call.task = self._spawn(self._outgoing(call, ready))
+        _forget_task_when_done(call)
         await asyncio.shield(ready)
         return call
 
@@ -256,6 +257,7 @@ class CallManager:
         call = self._new_call(msg.call_id, "incoming", msg.from_, msg.traceparent)
         call.spans.start_call(call.call_id, "incoming", call.peer, msg.traceparent)
         call.task = self._spawn(self._incoming(call, msg))
+        _forget_task_when_done(call)
 
     async def _yield_to(self, ours: Call, theirs: p.Signal) -> None:
         await self._finish(ours, "glare", send_hangup=True)
@@ -712,6 +714,18 @@ class CallManager:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("calls: task failed", exc_info=task.exception())
+
+
+def _forget_task_when_done(call: Call) -> None:
+    """Drop the finished task from the call (and so from `history`).
+
+    A cancelled task keeps its CancelledError, whose traceback holds the frames
+    of the call flow and through them the whole CallSession: without this,
+    every call in `history` kept its media alive (~1.5 MiB a call in the soak).
+    """
+    task = call.task
+    if task is not None:
+        task.add_done_callback(lambda _t: setattr(call, "task", None))
 
 
 def _root_attributes(summary: p.Summary, detail: str | None) -> dict[str, AttributeValue]:

@@ -22,7 +22,12 @@ from edgeagent.audio.checks import AudioIssueChanged, FrameAnalyzer, audio_objec
 from edgeagent.audio.echo import EchoDetector
 from edgeagent.audio.frames import Samples
 from edgeagent.audio.playout import PlayoutBuffer, PlayoutSettings
-from edgeagent.call.ice import ice_configuration, restrict_host_addresses, without_stun
+from edgeagent.call.ice import (
+    ice_configuration,
+    ice_failure,
+    restrict_host_addresses,
+    without_stun,
+)
 from edgeagent.call.opus import (
     LossHint,
     OpusSettings,
@@ -170,6 +175,7 @@ class CallSession:
         self.record = SessionRecord()
         self._tasks: list[asyncio.Task[None]] = []
         self._failed: asyncio.Future[CallEnded] = asyncio.get_running_loop().create_future()
+        self._close_grace: asyncio.TimerHandle | None = None
         self._connected = asyncio.Event()
         self._receive_buffers: list[Any] = []
         self.pc.on("track", self._on_track)
@@ -286,11 +292,13 @@ class CallSession:
             self._connected.set()
         elif state == "failed" and not self._failed.done():
             self._end("dtls", error="DTLS or ICE failed")
-            self._failed.set_result(CallEnded("ice_failed"))
+            self._failed.set_result(CallEnded("ice_failed", ice_failure(self.pc) or ""))
         elif state == "closed" and not self._failed.done():
             # The far end closed its transport; its hangup message is usually on its
             # way over MQTT, so give it a moment to arrive before calling it a failure.
-            asyncio.get_running_loop().call_later(REMOTE_CLOSE_GRACE_S, self._remote_closed)
+            self._close_grace = asyncio.get_running_loop().call_later(
+                REMOTE_CLOSE_GRACE_S, self._remote_closed
+            )
 
     def _remote_closed(self) -> None:
         if not self._failed.done():
@@ -499,6 +507,8 @@ class CallSession:
         # Break the pc <-> session cycles (event-emitter callbacks hold bound methods)
         # so the media buffers go by reference counting now, not at some later
         # generation-2 collection.
+        if self._close_grace is not None:  # our own close also reaches `closed`
+            self._close_grace.cancel()
         self.pc.remove_all_listeners()
         self.track.remove_all_listeners()
         self._tasks.clear()
