@@ -1,6 +1,7 @@
 """Soak: N consecutive short calls from a running agent to the echo peer; RSS and fds over time.
 
 Run: .venv/bin/python bench/soak.py [--calls 1000] [--media-s 1.5] [--tracemalloc-s 0]
+     [--env KEY=VALUE ...]
 
 The agent (`python -m edgeagent run`) and the echo peer (`python -m edgeagent echo-peer`)
 run as processes beside a mosquitto on a free loopback port, set up as in bench/perf.py.
@@ -142,7 +143,8 @@ async def main_async(args: argparse.Namespace) -> int:
         env = {"ALSA_CONFIG_PATH": str(write_asoundrc(tmp, 30))}
         agent_cfg, echo_cfg = write_configs(tmp, port, armed=("memory",))
         echo = echo_child(echo_cfg, env, tmp / "echo.log")
-        agent = agent_child(agent_cfg, env, tmp / "agent.log", {})
+        agent_env = dict(kv.split("=", 1) for kv in args.env)
+        agent = agent_child(agent_cfg, env, tmp / "agent.log", agent_env)
         failures: list[tuple[int, str]] = []
         samples: list[Sample] = []
         memory_report: asyncio.Task[Msg] | None = None
@@ -189,6 +191,8 @@ async def main_async(args: argparse.Namespace) -> int:
     start, end = samples[0], samples[-1]
     print()
     print(f"soak: {args.calls} calls of ~{args.media_s:.1f} s media, agent pid alone")
+    if args.env:
+        print(f"agent environment: {' '.join(args.env)}")
     print(f"{'sample':8} {'calls':>6} {'RSS MiB':>8} {'USS MiB':>8} {'fds':>5}")
     for s in samples:
         print(f"{s.label:8} {s.calls:6} {s.rss_mib:8.1f} {s.uss_mib:8.1f} {s.fds:5}")
@@ -230,6 +234,13 @@ def main() -> None:
     parser.add_argument("--media-s", type=float, default=1.5)
     parser.add_argument(
         "--tracemalloc-s", type=int, default=0, help="memory command interval (<= 120)"
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the agent only (e.g. MALLOC_ARENA_MAX=2); repeatable",
     )
     args = parser.parse_args()
     sys.exit(asyncio.run(main_async(args)))

@@ -9,12 +9,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from gpiozero import Button, GPIOZeroError, PinFactoryFallback
-
 logger = logging.getLogger(__name__)
-
-# Raised by gpiozero or the pin library underneath when the chip or pin is unusable.
-_GPIO_ERRORS = (GPIOZeroError, OSError, RuntimeError)
 
 
 class CallButton:
@@ -45,6 +40,11 @@ class CallButton:
         self._pressed = False
         self._held = False
         self._button: Any = None
+        # gpiozero (about 2 MiB of RSS) is imported only when the button is enabled.
+        from gpiozero import Button, GPIOZeroError, PinFactoryFallback
+
+        # Raised by gpiozero or the pin library underneath when the chip or pin is unusable.
+        self._errors: tuple[type[BaseException], ...] = (GPIOZeroError, OSError, RuntimeError)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PinFactoryFallback)
@@ -56,7 +56,7 @@ class CallButton:
                     hold_repeat=False,
                     pin_factory=pin_factory,
                 )
-        except _GPIO_ERRORS as exc:
+        except self._errors as exc:
             logger.warning(
                 "button: GPIO unavailable (%s: %s); button disabled", type(exc).__name__, exc
             )
@@ -104,5 +104,5 @@ class CallButton:
         if button is not None:
             try:
                 button.close()
-            except _GPIO_ERRORS as exc:
+            except self._errors as exc:
                 logger.debug("button: close failed: %s", exc)

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from gpiozero import LED, RGBLED, GPIOZeroError, PinFactoryFallback
-
 logger = logging.getLogger(__name__)
 
 
@@ -69,10 +67,6 @@ class RgbLedPins:
     active_high: bool = True
 
 
-# Raised by gpiozero or the pin library underneath when the chip or pin is unusable.
-_GPIO_ERRORS = (GPIOZeroError, OSError, RuntimeError)
-
-
 class HealthLeds:
     """Shows one call-health state at a time; a no-op (after one WARNING) without GPIO."""
 
@@ -80,18 +74,25 @@ class HealthLeds:
         self._state: str | None = None
         self._leds: dict[Color, Any] = {}
         self._rgb: Any = None
+        # gpiozero (about 2 MiB of RSS) is imported only when LEDs are built.
+        from gpiozero import GPIOZeroError, PinFactoryFallback
+
+        # Raised by gpiozero or the pin library underneath when the chip or pin is unusable.
+        self._errors: tuple[type[BaseException], ...] = (GPIOZeroError, OSError, RuntimeError)
         try:
             with warnings.catch_warnings():
                 # gpiozero warns once per pin library it fails to load; one WARNING below is enough.
                 warnings.simplefilter("ignore", PinFactoryFallback)
                 self._open(pins, pin_factory)
-        except _GPIO_ERRORS as exc:
+        except self._errors as exc:
             self.close()
             logger.warning(
                 "leds: GPIO unavailable (%s: %s); LEDs disabled", type(exc).__name__, exc
             )
 
     def _open(self, pins: ThreeLedPins | RgbLedPins, pin_factory: Any) -> None:
+        from gpiozero import LED, RGBLED
+
         if isinstance(pins, RgbLedPins):
             self._rgb = RGBLED(
                 pins.red,
@@ -132,7 +133,7 @@ class HealthLeds:
             return
         try:
             self._apply(pattern)
-        except _GPIO_ERRORS as exc:
+        except self._errors as exc:
             logger.warning("leds: cannot show %s (%s); LEDs disabled", state, exc)
             self.close()
 
@@ -168,5 +169,5 @@ class HealthLeds:
             try:
                 device.off()
                 device.close()
-            except _GPIO_ERRORS as exc:
+            except self._errors as exc:
                 logger.debug("leds: close failed: %s", exc)

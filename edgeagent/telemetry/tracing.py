@@ -31,15 +31,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import msgspec
-from google.protobuf import json_format  # type: ignore[import-untyped]
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace import Span as SdkSpan
@@ -47,9 +44,14 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.util.types import AttributeValue
+from opentelemetry.util.types import Attributes, AttributeValue
 
 from edgeagent.telemetry import payloads as p
+
+if TYPE_CHECKING:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -285,13 +287,154 @@ class TailSampler(SpanProcessor):
 # -- exporters ---------------------------------------------------------------------
 
 
+# OTLP/JSON is written directly from the SDK's spans, as protobuf's MessageToDict writes
+# the OTLP exporter's `encode_spans` request (omitted defaults, 64-bit integers as strings,
+# integer enums, camelCase) but with hex ids. This keeps protobuf and the OTLP proto
+# modules (about 3.5 MiB of RSS) out of the agent unless an OTLP/HTTP endpoint is set;
+# tests compare both encoders on the same spans.
+_SPAN_FLAGS_HAS_IS_REMOTE = 0x100
+_SPAN_FLAGS_IS_REMOTE = 0x200
+
+
+def _otlp_value(value: object) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, str):
+        return {"stringValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}
+    if isinstance(value, float):
+        return {"doubleValue": _otlp_double(value)}
+    if isinstance(value, bytes):
+        return {"bytesValue": base64.b64encode(value).decode()}
+    if isinstance(value, Sequence):
+        values = [_otlp_value(v) for v in value]
+        return {"arrayValue": {"values": values} if values else {}}
+    if isinstance(value, Mapping):
+        kvs = [{"key": str(k), "value": _otlp_value(v)} for k, v in value.items()]
+        return {"kvlistValue": {"values": kvs} if kvs else {}}
+    raise TypeError(f"invalid attribute type {type(value).__name__}")
+
+
+def _otlp_double(value: float) -> float | str:
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def _otlp_attributes(attributes: Attributes, out: dict[str, Any]) -> None:
+    if not attributes:
+        return
+    encoded = []
+    for key, value in attributes.items():
+        try:
+            encoded.append({"key": key, "value": _otlp_value(value)})
+        except TypeError:
+            logger.warning("tracing: cannot encode attribute %s", key, exc_info=True)
+    if encoded:
+        out["attributes"] = encoded
+
+
+def _otlp_flags(parent: trace.SpanContext | None) -> int:
+    flags = _SPAN_FLAGS_HAS_IS_REMOTE
+    if parent is not None and parent.is_remote:
+        flags |= _SPAN_FLAGS_IS_REMOTE
+    return flags
+
+
+def _otlp_counts(out: dict[str, Any], key: str, value: int | None) -> None:
+    if value:
+        out[key] = value
+
+
+def _otlp_span(span: ReadableSpan) -> dict[str, Any]:
+    ctx = span.get_span_context()
+    out: dict[str, Any] = {}
+    if ctx is not None:
+        out["traceId"] = format(ctx.trace_id, "032x")
+        out["spanId"] = format(ctx.span_id, "016x")
+        state = ",".join(f"{k}={v}" for k, v in ctx.trace_state.items()) if ctx.trace_state else ""
+        if state:
+            out["traceState"] = state
+    if span.parent is not None:
+        out["parentSpanId"] = format(span.parent.span_id, "016x")
+    if span.name:
+        out["name"] = span.name
+    out["kind"] = span.kind.value + 1  # OTLP SpanKind: the API's value plus one
+    if span.start_time:
+        out["startTimeUnixNano"] = str(span.start_time)
+    if span.end_time:
+        out["endTimeUnixNano"] = str(span.end_time)
+    _otlp_attributes(span.attributes, out)
+    _otlp_counts(out, "droppedAttributesCount", span.dropped_attributes)
+    if span.events:
+        events = []
+        for event in span.events:
+            e: dict[str, Any] = {}
+            if event.timestamp:
+                e["timeUnixNano"] = str(event.timestamp)
+            if event.name:
+                e["name"] = event.name
+            _otlp_attributes(event.attributes, e)
+            _otlp_counts(e, "droppedAttributesCount", event.dropped_attributes)
+            events.append(e)
+        out["events"] = events
+    _otlp_counts(out, "droppedEventsCount", span.dropped_events)
+    if span.links:
+        links = []
+        for link in span.links:
+            lk: dict[str, Any] = {
+                "traceId": format(link.context.trace_id, "032x"),
+                "spanId": format(link.context.span_id, "016x"),
+            }
+            _otlp_attributes(link.attributes, lk)
+            _otlp_counts(lk, "droppedAttributesCount", link.dropped_attributes)
+            lk["flags"] = _otlp_flags(link.context)
+            links.append(lk)
+        out["links"] = links
+    _otlp_counts(out, "droppedLinksCount", span.dropped_links)
+    status: dict[str, Any] = {}
+    if span.status.description:
+        status["message"] = span.status.description
+    if span.status.status_code.value:
+        status["code"] = span.status.status_code.value
+    out["status"] = status
+    out["flags"] = _otlp_flags(span.parent)
+    return out
+
+
 def encode_otlp_dict(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
     """Spans as an OTLP/JSON document (`{"resourceSpans": [...]}`), not yet serialised."""
-    data: dict[str, Any] = json_format.MessageToDict(
-        encode_spans(spans), use_integers_for_enums=True
-    )
-    _convert_ids(data, _b64_to_hex)
-    return data
+    grouped: dict[Resource, dict[Any, list[dict[str, Any]]]] = {}
+    for span in spans:
+        scopes = grouped.setdefault(span.resource, {})
+        scopes.setdefault(span.instrumentation_scope or None, []).append(_otlp_span(span))
+    resource_spans = []
+    for resource, scopes in grouped.items():
+        scope_spans = []
+        for scope, encoded in scopes.items():
+            scope_out: dict[str, Any] = {}
+            if scope is not None:
+                if scope.name:
+                    scope_out["name"] = scope.name
+                if scope.version:
+                    scope_out["version"] = scope.version
+                _otlp_attributes(scope.attributes, scope_out)
+            entry: dict[str, Any] = {"scope": scope_out, "spans": encoded}
+            if scope is not None and scope.schema_url:
+                entry["schemaUrl"] = scope.schema_url
+            scope_spans.append(entry)
+        res: dict[str, Any] = {}
+        _otlp_attributes(resource.attributes, res)
+        rs: dict[str, Any] = {"resource": res, "scopeSpans": scope_spans}
+        if resource.schema_url:
+            rs["schemaUrl"] = resource.schema_url
+        resource_spans.append(rs)
+    return {"resourceSpans": resource_spans} if resource_spans else {}
 
 
 def encode_otlp_json(spans: Sequence[ReadableSpan]) -> bytes:
@@ -305,6 +448,12 @@ def decode_otlp_json(payload: bytes | str) -> ExportTraceServiceRequest:
     for key in ENVELOPE_KEYS:  # the MQTT export's envelope is not part of OTLP
         data.pop(key, None)
     _convert_ids(data, _hex_to_b64)
+    # protobuf is imported here only: decoding is for tests and tools, not the agent.
+    from google.protobuf import json_format  # type: ignore[import-untyped]
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
     request = ExportTraceServiceRequest()
     json_format.Parse(json.dumps(data), request)
     return request
@@ -319,10 +468,6 @@ def _convert_ids(data: dict[str, Any], conv: Callable[[str], str]) -> None:
                     for key in _ID_KEYS:
                         if isinstance(item.get(key), str) and item[key]:
                             item[key] = conv(item[key])
-
-
-def _b64_to_hex(value: str) -> str:
-    return base64.b64decode(value).hex()
 
 
 def _hex_to_b64(value: str) -> str:
