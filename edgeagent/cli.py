@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import logging
+import os
 import sys
-from collections.abc import Sequence
+import threading
+import traceback
+from collections.abc import Coroutine, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from edgeagent import __version__
 from edgeagent.config import EXIT_CONFIG, Config, ConfigError, load_config
@@ -17,6 +23,9 @@ logger = logging.getLogger("edgeagent")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+# After the agent stops, worker threads (asyncio.to_thread) get this long to finish.
+WORKER_GRACE_S = 2.0
+WORKER_PREFIX = "edgeagent-worker"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,12 +93,116 @@ def cmd_run(path: Path, log_level: str | None, dial: str | None = None) -> int:
         agent = Agent(cfg)
         if dial:
             agent.dial_on_connect(dial)
-        return asyncio.run(agent.run())
+        code = run_async(agent.run())
     except KeyboardInterrupt:
-        return EXIT_OK
+        code = EXIT_OK
     except Exception:
         logger.critical("agent: unhandled error, exiting", exc_info=True)
-        return EXIT_FAILURE
+        code = EXIT_FAILURE
+    exit_if_workers_stuck(code)
+    return code
+
+
+UVLOOP_ENV = "EDGEAGENT_UVLOOP"
+
+
+def use_uvloop(environ: Mapping[str, str] = os.environ) -> bool:
+    """uvloop unless `EDGEAGENT_UVLOOP` is 0/false/no/off, and only when it is importable."""
+    if environ.get(UVLOOP_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def new_event_loop(environ: Mapping[str, str] = os.environ) -> asyncio.AbstractEventLoop:
+    """The daemon's event loop: uvloop's (cheaper wake-ups, sendto, call_soon_threadsafe;
+    docs/profile.md) when `use_uvloop`, else asyncio's default."""
+    if use_uvloop(environ):
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def run_async(main: Coroutine[Any, Any, int], *, grace_s: float = WORKER_GRACE_S) -> int:
+    """`asyncio.run` for the daemon, except that worker threads get `grace_s`, not forever.
+
+    asyncio.run (3.11) waits without limit for the default executor, and interpreter
+    exit joins its (non-daemon) threads again, so one blocked `to_thread` call (a
+    DNS lookup, a wedged device) would keep a stopped agent alive until systemd's
+    SIGKILL. Workers here are named `edgeagent-worker_N`; see `exit_if_workers_stuck`.
+    """
+    loop = new_event_loop()
+    executor = ThreadPoolExecutor(thread_name_prefix=WORKER_PREFIX)
+    loop.set_default_executor(executor)
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        try:
+            _cancel_all_tasks(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+            deadline = loop.time() + grace_s
+            for thread in busy_workers():
+                thread.join(max(0.0, deadline - loop.time()))
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """What asyncio.run does with tasks left over when `main` returns."""
+    tasks = asyncio.all_tasks(loop)
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            loop.call_exception_handler(
+                {
+                    "message": "unhandled exception during shutdown",
+                    "exception": task.exception(),
+                    "task": task,
+                }
+            )
+
+
+def busy_workers() -> list[threading.Thread]:
+    """Worker threads of `run_async` that are still running."""
+    return [t for t in threading.enumerate() if t.name.startswith(WORKER_PREFIX) and t.is_alive()]
+
+
+def describe_threads(threads: list[threading.Thread]) -> str:
+    """Each thread's name and current stack, for the log."""
+    frames = sys._current_frames()
+    parts = []
+    for t in threads:
+        frame = frames.get(t.ident) if t.ident is not None else None
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else "  (no frame)\n"
+        parts.append(f"thread {t.name}:\n{stack}")
+    return "".join(parts)
+
+
+def exit_if_workers_stuck(code: int) -> None:
+    """Exit now with `code` if worker threads outlived the grace period.
+
+    Interpreter shutdown would join them and hang; the agent has already stopped
+    cleanly (offline published, spool closed), so log what is stuck and leave.
+    """
+    stuck = busy_workers()
+    if not stuck:
+        return
+    logger.error(
+        "agent: %d worker thread(s) still busy after the stop; exiting without them:\n%s",
+        len(stuck),
+        describe_threads(stuck),
+    )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_echo_peer(path: Path) -> int:
@@ -104,8 +217,8 @@ def cmd_echo_peer(path: Path) -> int:
 
     peer = EchoPeer(cfg)
     logger.info("echo peer %s: answering on %s", cfg.device.id, peer.topics.signal)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(peer.run())
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=new_event_loop) as r:
+        r.run(peer.run())
     return EXIT_OK
 
 

@@ -234,3 +234,52 @@ def test_aiortc_still_makes_its_dtls_certificate_inside_the_constructor() -> Non
         "self",
         "configuration",
     ], DRIFT
+
+
+# --- fast path (issue 7): the aiortc code that InlineEncode and InlineDecodeQueue replace ---
+
+
+def _source_digest(obj: object) -> str:
+    import hashlib
+
+    return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]  # type: ignore[arg-type]
+
+
+def test_sender_encode_step_is_the_one_inline_encode_reproduces() -> None:
+    """edgeagent/call/opus.py InlineEncode copies this method minus run_in_executor."""
+    method = aiortc.rtcrtpsender.RTCRtpSender._next_encoded_frame
+    src = inspect.getsource(method)
+    assert "data = await self.__track.recv()" in src, DRIFT
+    assert "if not self._enabled:" in src, DRIFT
+    assert "audio_level = rtp.compute_audio_level_dbov(data)" in src, DRIFT
+    assert "None, self.__encoder.encode, data, force_keyframe" in src, DRIFT
+    assert "return RTCEncodedFrame(payloads, timestamp, audio_level)" in src, DRIFT
+    assert _source_digest(method) == "89dd9fa4fb33741c", DRIFT
+    run_rtp = inspect.getsource(aiortc.rtcrtpsender.RTCRtpSender._run_rtp)
+    assert "enc_frame = await self._next_encoded_frame(codec)" in run_rtp, DRIFT
+    assert "packet.extensions.audio_level = (False, -enc_frame.audio_level)" in run_rtp, DRIFT
+    assert list(inspect.signature(aiortc.rtcrtpsender.RTCEncodedFrame).parameters) == [
+        "payloads",
+        "timestamp",
+        "audio_level",
+    ], DRIFT
+
+
+def test_audio_level_function_is_the_one_audio_level_dbov_matches() -> None:
+    assert _source_digest(aiortc.rtp.compute_audio_level_dbov) == "d65138ae99e84548", DRIFT
+
+
+def test_receiver_decoder_thread_is_the_one_inline_decode_stands_in_for() -> None:
+    """edgeagent/call/tracks.py InlineDecodeQueue: put() decodes, get() waits for the stop."""
+    worker = aiortc.rtcrtpreceiver.decoder_worker
+    src = inspect.getsource(worker)
+    assert "task = input_q.get()" in src and "if task is None:" in src, DRIFT
+    assert "asyncio.run_coroutine_threadsafe(output_q.put(None), loop)" in src, DRIFT
+    assert "decoder = get_decoder(codec)" in src, DRIFT
+    assert _source_digest(worker) == "d500d4e567d6846c", DRIFT
+    receiver = inspect.getsource(aiortc.rtcrtpreceiver.RTCRtpReceiver)
+    assert "self.__decoder_queue: queue.Queue = queue.Queue()" in receiver, DRIFT
+    assert "self.__decoder_queue,\n                    self._track._queue," in receiver, DRIFT
+    assert "self.__decoder_queue.put(None)\n            self.__decoder_thread.join()" in receiver
+    assert "self.__decoder_error" in receiver, DRIFT
+    assert _source_digest(aiortc.rtcrtpreceiver.RTCRtpReceiver.receive) == "d6d8d8d7a0bf4e95"

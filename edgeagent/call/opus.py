@@ -10,7 +10,12 @@ no knob. Two contained changes, applied per peer connection (no global patch):
   description it signals carries the new line.
 - `install_opus_encoder` pre-sets each audio sender's encoder (aiortc creates
   one lazily only when none is set: the name-mangled `_RTCRtpSender__encoder`,
-  checked by tests/test_aiortc_pin.py) to `MonoOpusEncoder`.
+  checked by tests/test_aiortc_pin.py) to `MonoOpusEncoder`, and gives that
+  sender instance an inline `_next_encoded_frame` (`InlineEncode`): aiortc
+  hands every 20 ms encode to the default executor, and the thread hop cost
+  about five times the encode itself (docs/profile.md); its RTP audio level
+  (`rtp.compute_audio_level_dbov`, a Python loop over every sample, ~130 µs
+  a frame) becomes `audio_level_dbov`, the same value computed with numpy.
 
 The RTP payload format stays `opus/48000/2` (RFC 7587 mandates it); mono is
 what `stereo=0` and the encoder's channel layout mean.
@@ -53,14 +58,18 @@ from __future__ import annotations
 
 import fractions
 import logging
+import math
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import av
-from aiortc import RTCPeerConnection
+import numpy as np
+from aiortc import RTCPeerConnection, RTCRtpSender
 from aiortc.codecs.base import Encoder
+from aiortc.rtcrtpsender import RTCEncodedFrame
 from av.frame import Frame
 from av.packet import Packet
 
@@ -70,6 +79,8 @@ SAMPLE_RATE = 48000
 FRAME_SAMPLES = 960
 TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 SENDER_ENCODER_ATTR = "_RTCRtpSender__encoder"
+SENDER_TRACK_ATTR = "_RTCRtpSender__track"
+SENDER_KEYFRAME_ATTR = "_RTCRtpSender__force_keyframe"
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,8 +233,9 @@ def _format_fmtp(params: dict[str, str]) -> str:
 class MonoOpusEncoder(Encoder):
     """libopus through PyAV: mono, VoIP mode, our complexity, FEC and a loss hint that can change.
 
-    aiortc calls `encode` on an executor thread; `set_loss_hint` and `set_fec`
-    come from the event loop and take effect at the next frame.
+    `encode` runs on the event loop (`InlineEncode`; aiortc's own path calls it
+    on an executor thread, hence the lock); `set_loss_hint` and `set_fec`
+    take effect at the next frame.
     """
 
     def __init__(self, settings: OpusSettings) -> None:
@@ -334,8 +346,81 @@ class MonoOpusEncoder(Encoder):
         return [bytes(packet)], packet.pts or 0
 
 
+_MAX_SAMPLE = 32767
+_MIN_LEVEL_DBOV = -127
+
+
+def audio_level_dbov(frame: av.AudioFrame) -> int:
+    """RFC 6465 Appendix A level of an s16 frame, -127..0: aiortc's value, computed with numpy.
+
+    Same arithmetic as `aiortc.rtp.compute_audio_level_dbov`: the sum of squares
+    is exact in int64 (and in aiortc's float, below 2**53), then the same float
+    steps, so the result is identical (tests/test_fastpath_encode.py).
+    """
+    samples = np.frombuffer(memoryview(frame.planes[0]), dtype=np.int16).astype(np.int64)
+    energy = int(np.dot(samples, samples))
+    rms = math.sqrt(float(energy) / (frame.samples * _MAX_SAMPLE * _MAX_SAMPLE))
+    if rms > 0:
+        db = 20 * math.log10(rms)
+        db = max(db, _MIN_LEVEL_DBOV)
+        db = min(db, 0)
+    else:
+        db = _MIN_LEVEL_DBOV
+    return round(db)
+
+
+class InlineEncode:
+    """A sender's `_next_encoded_frame` that encodes on the loop, not on an executor thread.
+
+    Installed on one `RTCRtpSender` instance (an instance attribute shadows the
+    class method; nothing global changes). Behaviour is aiortc 1.16's (pinned by
+    tests/test_aiortc_pin.py) minus `run_in_executor`: read the track, drop
+    the frame while the sender is disabled, encode, attach the audio level.
+    Holds the sender weakly, so the sender is freed by reference counting.
+    """
+
+    def __init__(self, sender: RTCRtpSender) -> None:
+        self._sender = weakref.ref(sender)
+        self.frames = 0  # frames encoded through this path
+
+    async def __call__(self, codec: Any) -> RTCEncodedFrame | None:
+        sender = self._sender()
+        if sender is None:
+            return None
+        data = await getattr(sender, SENDER_TRACK_ATTR).recv()
+        if not sender._enabled:
+            return None
+        encoder = getattr(sender, SENDER_ENCODER_ATTR)
+        audio_level = None
+        if isinstance(data, Frame):
+            if isinstance(data, av.AudioFrame):
+                audio_level = audio_level_dbov(data)
+            force_keyframe = getattr(sender, SENDER_KEYFRAME_ATTR)
+            setattr(sender, SENDER_KEYFRAME_ATTR, False)
+            payloads, timestamp = encoder.encode(data, force_keyframe)
+            self.frames += 1
+        else:
+            payloads, timestamp = encoder.pack(data)
+        if not payloads:
+            return None
+        # aiortc passes None for frames without a level too; its annotation says int.
+        return RTCEncodedFrame(payloads, timestamp, audio_level)  # type: ignore[arg-type]
+
+
+def install_inline_encode(sender: RTCRtpSender) -> InlineEncode:
+    """Make `sender` encode on the loop (idempotent); see `InlineEncode`."""
+    current = sender.__dict__.get("_next_encoded_frame")
+    if isinstance(current, InlineEncode):
+        return current
+    if not hasattr(sender, SENDER_TRACK_ATTR) or not hasattr(sender, SENDER_KEYFRAME_ATTR):
+        raise RuntimeError("aiortc RTCRtpSender internals changed: version drift")
+    inline = InlineEncode(sender)
+    sender._next_encoded_frame = inline  # type: ignore[method-assign]
+    return inline
+
+
 def install_opus_encoder(pc: RTCPeerConnection, settings: OpusSettings) -> int:
-    """Give every audio sender of `pc` that negotiated Opus a `MonoOpusEncoder`.
+    """Give every audio sender of `pc` that negotiated Opus a `MonoOpusEncoder`, encoding inline.
 
     Call after `setRemoteDescription` (the negotiated codecs are known then)
     and before media flows. Returns how many senders were set up; a sender
@@ -359,6 +444,7 @@ def install_opus_encoder(pc: RTCPeerConnection, settings: OpusSettings) -> int:
             logger.warning("opus: sender already encoding; leaving aiortc's encoder")
             continue
         setattr(sender, SENDER_ENCODER_ATTR, MonoOpusEncoder(settings))
+        install_inline_encode(sender)
         count += 1
     return count
 

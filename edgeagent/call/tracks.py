@@ -10,18 +10,27 @@ our `PlayoutBuffer` by RTP timestamp, which does reordering, timing, drift
 correction and concealment. Opus PLC/FEC at the decoder is not reachable:
 PyAV treats an empty packet as end-of-stream, so concealment is the playout
 buffer's fade.
+
+Decoding runs inline on the event loop (`InlineDecodeQueue`): aiortc hands
+every received frame to a decoder thread through a `queue.Queue` and back
+with `run_coroutine_threadsafe`, two thread hops (a condition notify, a
+task and a self-pipe write) around a ~40 µs Opus decode (docs/profile.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import fractions
 import logging
+import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpReceiver
+from aiortc.codecs import get_decoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError
 
@@ -36,6 +45,9 @@ TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 # The name-mangled attribute of aiortc 1.16's RTCRtpReceiver that holds the
 # jitter buffer; tests/test_aiortc_pin.py checks it still exists.
 RECEIVER_JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
+RECEIVER_DECODER_QUEUE_ATTR = "_RTCRtpReceiver__decoder_queue"
+RECEIVER_DECODER_THREAD_ATTR = "_RTCRtpReceiver__decoder_thread"
+RECEIVER_DECODE_ERROR_ATTR = "_RTCRtpReceiver__decoder_error"
 
 Processor = Callable[[Samples], Samples]
 RenderTap = Callable[[Samples], None]
@@ -113,7 +125,8 @@ class RemoteAudioSink:
     """Consumes the remote audio track into a playout buffer; the device pulls from it.
 
     `run()` receives until the track ends. `pull()` is the playback device's
-    source (called on the playback thread); each frame it returns is also
+    source (called on the playback thread, or on the loop for a paced twin);
+    each frame it returns is also
     given to `render_tap` (the AEC's far-end reference), on that thread, at
     the moment it is rendered.
     """
@@ -155,7 +168,7 @@ class RemoteAudioSink:
 
 def frame_to_mono(frame: av.AudioFrame) -> tuple[Samples, int | None]:
     """Decoded s16 frame -> (48 kHz mono int16, timestamp in 48 kHz samples or None)."""
-    channels = len(frame.layout.channels)
+    channels = frame.layout.nb_channels
     if frame.format.name != "s16" or frame.format.is_planar:
         raise ValueError(f"expected packed s16, got {frame.format.name}")
     raw = np.asarray(frame.to_ndarray(), dtype=np.int16)
@@ -163,8 +176,12 @@ def frame_to_mono(frame: av.AudioFrame) -> tuple[Samples, int | None]:
     rate = int(frame.sample_rate)
     mono = resample_linear(mono, rate, SAMPLE_RATE)
     ts: int | None = None
-    if frame.pts is not None and frame.time_base is not None:
-        ts = round(frame.pts * frame.time_base * SAMPLE_RATE)
+    pts, time_base = frame.pts, frame.time_base
+    if pts is not None and time_base is not None:
+        if time_base.numerator == 1 and time_base.denominator == SAMPLE_RATE:
+            ts = int(pts)  # aiortc's Opus frames: already in 48 kHz samples, no Fraction maths
+        else:
+            ts = round(pts * time_base * SAMPLE_RATE)
     return mono, ts
 
 
@@ -212,10 +229,84 @@ def bypass_jitter_buffer(receiver: RTCRtpReceiver) -> ArrivalOrderBuffer:
     return buffer
 
 
+class InlineDecodeQueue:
+    """Stands in for an aiortc receiver's decoder queue: decodes on the loop as frames are put.
+
+    aiortc's `decoder_worker` thread still starts (in `RTCRtpReceiver.receive`)
+    but only waits in `get()` until the receiver stops; then it posts the
+    end-of-track marker after every frame already delivered, as before.
+    `put` is called on the event loop (`_handle_rtp_packet`), so decoded
+    frames go straight into the remote track's asyncio queue.
+    """
+
+    def __init__(self, receiver: RTCRtpReceiver) -> None:
+        self._receiver = weakref.ref(receiver)
+        self._output: asyncio.Queue[Any] | None = None  # the remote track's, once it exists
+        self._decode_error: threading.Event = getattr(receiver, RECEIVER_DECODE_ERROR_ATTR)
+        self._stopped = threading.Event()
+        self._decoder: Any = None
+        self._codec_name: str | None = None
+        self.decoded = 0  # encoded frames decoded inline
+        self.errors = 0
+
+    def put(self, task: tuple[Any, Any] | None) -> None:
+        if task is None:
+            self._stopped.set()
+            return
+        if self._stopped.is_set():
+            return
+        codec, encoded_frame = task
+        if codec.name != self._codec_name:
+            self._decoder = get_decoder(codec)
+            self._codec_name = codec.name
+        try:
+            frames = self._decoder.decode(encoded_frame)
+        except av.FFmpegError as exc:
+            # Keep the decoder state, as aiortc does; count and go on.
+            self.errors += 1
+            log = logger.warning if self.errors == 1 else logger.debug  # warn once
+            log("remote audio: cannot decode a %s frame: %s", codec.name, exc)
+            self._decode_error.set()
+            return
+        self.decoded += 1
+        output = self._output
+        if output is None:
+            receiver = self._receiver()
+            track = receiver._track if receiver is not None else None
+            if track is None:
+                return  # aiortc starts decoding only once the remote track exists
+            output = self._output = track._queue
+        for frame in frames:
+            output.put_nowait(frame)
+
+    def get(self) -> None:
+        """The decoder thread's only task: wait for the stop, then end the track."""
+        self._stopped.wait()
+
+
+def inline_decode(receiver: RTCRtpReceiver) -> InlineDecodeQueue | None:
+    """Make an audio receiver decode on the loop (idempotent); None once its thread runs."""
+    current = getattr(receiver, RECEIVER_DECODER_QUEUE_ATTR, None)
+    if current is None or not hasattr(receiver, RECEIVER_DECODER_THREAD_ATTR):
+        raise RuntimeError("aiortc RTCRtpReceiver has no decoder queue: version drift")
+    if isinstance(current, InlineDecodeQueue):
+        return current
+    if getattr(receiver, RECEIVER_DECODER_THREAD_ATTR) is not None:
+        return None  # already receiving through aiortc's thread: leave it
+    inline = InlineDecodeQueue(receiver)
+    setattr(receiver, RECEIVER_DECODER_QUEUE_ATTR, inline)
+    return inline
+
+
 def install_receive_path(pc: RTCPeerConnection) -> list[ArrivalOrderBuffer]:
-    """Bypass the jitter buffer of every audio receiver of `pc`.
+    """Bypass the jitter buffer of every audio receiver of `pc` and decode inline.
 
     Call after `setRemoteDescription` (the answerer's transceivers are created
     there) and before media flows; calling again is harmless.
     """
-    return [bypass_jitter_buffer(t.receiver) for t in pc.getTransceivers() if t.kind == "audio"]
+    buffers = []
+    for t in pc.getTransceivers():
+        if t.kind == "audio":
+            buffers.append(bypass_jitter_buffer(t.receiver))
+            inline_decode(t.receiver)
+    return buffers

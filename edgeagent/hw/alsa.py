@@ -5,6 +5,12 @@ loop through a bounded queue (capture) or a pull callback (playback), so the
 loop never blocks. The bench's ALSA ``file`` PCMs are not clocked (a read or
 write returns at once); ``paced=True`` makes the thread sleep to real time so
 frames come every period, as they would from a sound card.
+
+A paced device (the twin) runs on the event loop by default
+(`paced_on_loop`): a file PCM's read or write returns at once, so a loop
+timer per period replaces the thread, its sleeps and the per-frame
+`call_soon_threadsafe` (a self-pipe write and a loop wake-up each). A real
+card (`paced=False`) keeps the blocking thread.
 """
 
 from __future__ import annotations
@@ -110,6 +116,7 @@ class AlsaCapture:
         period_frames: int = 960,
         periods: int = 4,
         paced: bool = False,
+        paced_on_loop: bool = True,
         queue_frames: int = 5,
     ) -> None:
         self.device = device
@@ -119,6 +126,7 @@ class AlsaCapture:
         self._period_frames = period_frames
         self._periods = periods
         self._paced = paced
+        self._on_loop = paced and paced_on_loop
         self._queue: asyncio.Queue[CapturedFrame | AudioDeviceError] = asyncio.Queue()
         self._queue_frames = queue_frames
         self._error: AudioDeviceError | None = None
@@ -149,15 +157,41 @@ class AlsaCapture:
         return item
 
     async def run(self) -> None:
+        params = (self._rate, self._channels, self._period_frames, self._periods)
+        if self._on_loop:
+            reader = _PeriodReader(self)
+            await _run_pcm_on_loop(
+                "capture",
+                self.device,
+                alsaaudio.PCM_CAPTURE,
+                params,
+                self.period_s,
+                opened=self._opened,
+                step=lambda pcm: self._read_step(pcm, reader),
+            )
+            return
         await _run_pcm_thread(
             "capture",
             self.device,
             alsaaudio.PCM_CAPTURE,
-            (self._rate, self._channels, self._period_frames, self._periods),
+            params,
             paced=self._paced,
             opened=self._opened,
             body=self._read_loop,
         )
+
+    def _read_step(self, pcm: Any, reader: _PeriodReader) -> None:
+        """One period on the loop: read, deliver; AudioDeviceError when the device failed."""
+        try:
+            frames = reader.read(pcm)
+        except alsaaudio.ALSAAudioError as exc:
+            err = AudioDeviceError(self.device, f"read failed: {exc}")
+            logger.error("capture %s: %s", self.device, err.reason)
+            self._error = err
+            self._queue.put_nowait(err)
+            raise err from exc
+        for frame in frames:
+            self._deliver(frame)
 
     def _deliver(self, frame: CapturedFrame) -> None:
         while self._queue.qsize() >= self._queue_frames:
@@ -179,40 +213,15 @@ class AlsaCapture:
         stop: threading.Event,
         failed: asyncio.Future[AudioDeviceError],
     ) -> None:
-        bytes_per_period = self._period_frames * self._channels * 2
-        pending = bytearray()
+        reader = _PeriodReader(self)
         pacer = _Pacer(self.period_s, stop) if self._paced else None
-        seq = 0
         try:
             while not stop.is_set():
                 if pacer is not None:
                     pacer.wait()
                     if stop.is_set():
                         break
-                try:
-                    n, data = pcm.read()
-                except alsaaudio.ALSAAudioError as exc:
-                    if not _is_xrun(exc):
-                        raise
-                    n, data = -errno.EPIPE, b""
-                if n < 0:
-                    self.xruns += 1
-                    seq += 1
-                    logger.debug("capture %s: xrun (%d)", self.device, n)
-                    continue
-                pending += data
-                while len(pending) >= bytes_per_period:
-                    chunk = bytes(pending[:bytes_per_period])
-                    del pending[:bytes_per_period]
-                    samples = np.frombuffer(chunk, dtype="<i2").astype(np.int16)
-                    if self._channels > 1:
-                        samples = samples.reshape(-1, self._channels)
-                    now = self._clock.monotonic()
-                    if self.first_period_at is None:
-                        self.first_period_at = now
-                    frame = CapturedFrame(seq=seq, ts=now, samples=samples)
-                    seq += 1
-                    self.frames_read += 1
+                for frame in reader.read(pcm):
                     loop.call_soon_threadsafe(self._deliver, frame)
         except alsaaudio.ALSAAudioError as exc:
             err = AudioDeviceError(self.device, f"read failed: {exc}")
@@ -225,11 +234,57 @@ class AlsaCapture:
                 pcm.close()
 
 
+class _PeriodReader:
+    """Turns `pcm.read()` results into `CapturedFrame`s; shared by the thread and loop drivers."""
+
+    def __init__(self, capture: AlsaCapture) -> None:
+        self._c = capture
+        self._bytes_per_period = capture._period_frames * capture._channels * 2
+        self._pending = bytearray()
+        self._seq = 0
+
+    def read(self, pcm: Any) -> list[CapturedFrame]:
+        """One `pcm.read()`: the whole periods it completed (raises a non-xrun ALSA error)."""
+        c = self._c
+        try:
+            n, data = pcm.read()
+        except alsaaudio.ALSAAudioError as exc:
+            if not _is_xrun(exc):
+                raise
+            n, data = -errno.EPIPE, b""
+        if n < 0:
+            c.xruns += 1
+            self._seq += 1
+            logger.debug("capture %s: xrun (%d)", c.device, n)
+            return []
+        frames = []
+        if not self._pending and len(data) == self._bytes_per_period:
+            chunks = [data]  # the usual case: one whole period, no reassembly
+        else:
+            self._pending += data
+            chunks = []
+            while len(self._pending) >= self._bytes_per_period:
+                chunks.append(bytes(self._pending[: self._bytes_per_period]))
+                del self._pending[: self._bytes_per_period]
+        for chunk in chunks:
+            samples = np.frombuffer(chunk, dtype="<i2").astype(np.int16)  # a writable copy
+            if c._channels > 1:
+                samples = samples.reshape(-1, c._channels)
+            now = c._clock.monotonic()
+            if c.first_period_at is None:
+                c.first_period_at = now
+            frames.append(CapturedFrame(seq=self._seq, ts=now, samples=samples))
+            self._seq += 1
+            c.frames_read += 1
+        return frames
+
+
 class AlsaPlayback:
     """Writes one period at a time to a playback PCM from a thread.
 
-    Each period the thread calls `source()` (on the playback thread; it must be
-    thread-safe, e.g. `RemoteAudioSink.pull`) and writes what it returns. With a
+    Each period the thread calls `source()` (on the playback thread, or on the
+    loop when paced on it; it must be thread-safe, e.g. `RemoteAudioSink.pull`)
+    and writes what it returns. With a
     clocked device the blocking write paces the loop; with `paced=True` the
     thread sleeps to real time. ALSA underruns (-EPIPE) are counted in
     `underruns`. `run()` raises `AudioDeviceError` if the device is missing or
@@ -247,6 +302,7 @@ class AlsaPlayback:
         period_frames: int = 960,
         periods: int = 2,
         paced: bool = False,
+        paced_on_loop: bool = True,
     ) -> None:
         self.device = device
         self._source = source
@@ -256,6 +312,7 @@ class AlsaPlayback:
         self._period_frames = period_frames
         self._periods = periods
         self._paced = paced
+        self._on_loop = paced and paced_on_loop
         self._opened = asyncio.Event()
         self.first_period_at: float | None = None  # clock.monotonic() of the first write
         self.underruns = 0
@@ -266,15 +323,53 @@ class AlsaPlayback:
         await self._opened.wait()
 
     async def run(self) -> None:
+        params = (self._rate, self._channels, self._period_frames, self._periods)
+        if self._on_loop:
+            await _run_pcm_on_loop(
+                "playback",
+                self.device,
+                alsaaudio.PCM_PLAYBACK,
+                params,
+                self._period_frames / self._rate,
+                opened=self._opened,
+                step=self._write_step,
+            )
+            return
         await _run_pcm_thread(
             "playback",
             self.device,
             alsaaudio.PCM_PLAYBACK,
-            (self._rate, self._channels, self._period_frames, self._periods),
+            params,
             paced=self._paced,
             opened=self._opened,
             body=self._write_loop,
         )
+
+    def _write_one(self, pcm: Any) -> None:
+        """Pull one period from the source and write it (raises a non-xrun ALSA error)."""
+        frame = np.ascontiguousarray(self._source(), dtype="<i2")
+        if self.first_period_at is None:
+            self.first_period_at = self._clock.monotonic()
+        try:
+            n = pcm.write(frame.tobytes())
+        except alsaaudio.ALSAAudioError as exc:
+            if not _is_xrun(exc):
+                raise
+            n = -errno.EPIPE
+        if n < 0:
+            self.underruns += 1
+            logger.debug("playback %s: xrun (%d)", self.device, n)
+        else:
+            self.frames_written += 1
+
+    def _write_step(self, pcm: Any) -> None:
+        """One period on the loop; AudioDeviceError when the device failed."""
+        try:
+            self._write_one(pcm)
+        except alsaaudio.ALSAAudioError as exc:
+            err = AudioDeviceError(self.device, f"write failed: {exc}")
+            logger.error("playback %s: %s", self.device, err.reason)
+            raise err from exc
 
     def _fail(self, exc: AudioDeviceError, failed: asyncio.Future[AudioDeviceError]) -> None:
         logger.error("playback %s: %s", self.device, exc.reason)
@@ -295,20 +390,7 @@ class AlsaPlayback:
                     pacer.wait()
                     if stop.is_set():
                         break
-                frame = np.ascontiguousarray(self._source(), dtype="<i2")
-                if self.first_period_at is None:
-                    self.first_period_at = self._clock.monotonic()
-                try:
-                    n = pcm.write(frame.tobytes())
-                except alsaaudio.ALSAAudioError as exc:
-                    if not _is_xrun(exc):
-                        raise
-                    n = -errno.EPIPE
-                if n < 0:
-                    self.underruns += 1
-                    logger.debug("playback %s: xrun (%d)", self.device, n)
-                else:
-                    self.frames_written += 1
+                self._write_one(pcm)
         except alsaaudio.ALSAAudioError as exc:
             err = AudioDeviceError(self.device, f"write failed: {exc}")
             with contextlib.suppress(RuntimeError):
@@ -354,6 +436,54 @@ async def _run_pcm_thread(
         stop.set()
         await asyncio.to_thread(thread.join)
         opened.clear()
+
+
+async def _run_pcm_on_loop(
+    kind: str,
+    device: str,
+    pcm_type: int,
+    params: tuple[int, int, int, int],
+    period_s: float,
+    *,
+    opened: asyncio.Event,
+    step: Callable[[Any], None],
+) -> None:
+    """Open an unclocked PCM and call `step(pcm)` once per period from a loop timer.
+
+    For paced (file) PCMs only, whose read and write never block. Raises the
+    AudioDeviceError `step` raised (or the open failure); on cancellation
+    stops the timer and closes the PCM.
+    """
+    loop = asyncio.get_running_loop()
+    failed: asyncio.Future[AudioDeviceError] = loop.create_future()
+    pcm = await asyncio.to_thread(_open_pcm, device, pcm_type, *params)
+    next_at = loop.time()
+    handle: asyncio.Handle | None = None
+
+    def tick() -> None:
+        nonlocal next_at, handle
+        try:
+            step(pcm)
+        except AudioDeviceError as exc:
+            if not failed.done():
+                failed.set_result(exc)
+            return
+        now = loop.time()
+        next_at += period_s
+        if next_at < now - 10 * period_s:
+            next_at = now  # fell far behind (suspend, debugger): do not burst
+        handle = loop.call_at(next_at, tick)
+
+    handle = loop.call_soon(tick)
+    logger.info("%s %s: opened (paced on the event loop)", kind, device)
+    opened.set()
+    try:
+        raise await failed
+    finally:
+        handle.cancel()
+        opened.clear()
+        with contextlib.suppress(alsaaudio.ALSAAudioError):
+            pcm.close()
 
 
 def probe_devices(capture: str, playback: str) -> None:
