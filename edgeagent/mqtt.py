@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import random
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from edgeagent.config import MqttConfig
 from edgeagent.events import BrokerConnected, BrokerDisconnected, EventBus
 
 logger = logging.getLogger(__name__)
+
+# Distinct connect-failure reasons logged at WARNING per outage; the rest at DEBUG.
+_WARN_REASONS = 3
 
 
 class BrokerUnavailable(Exception):
@@ -80,16 +84,71 @@ def backoff_delays(min_s: float, max_s: float, rng: random.Random) -> Any:
 
 
 def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
+    """The TLS context for `cfg`, read from its files now (so a fixed file is picked up
+    on the next attempt); BrokerUnavailable naming the file if one is unusable."""
     t = cfg.tls
     if not t.enabled:
         return None
-    ctx = ssl.create_default_context(cafile=str(t.ca_file) if t.ca_file else None)
+    try:
+        ctx = ssl.create_default_context(cafile=str(t.ca_file) if t.ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise BrokerUnavailable(f"TLS CA file {t.ca_file} unusable: {exc}") from exc
     if t.cert_file:
-        ctx.load_cert_chain(str(t.cert_file), str(t.key_file) if t.key_file else None)
+        try:
+            ctx.load_cert_chain(str(t.cert_file), str(t.key_file) if t.key_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerUnavailable(
+                f"TLS client certificate {t.cert_file} / key {t.key_file} unusable: {exc}"
+            ) from exc
     if t.insecure_skip_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+class _ClientLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """paho's log for one connection attempt.
+
+    When the broker drops the socket before CONNACK (a TLS alert for a missing or
+    untrusted client certificate, say), paho only logs the error and aiomqtt waits
+    for its full connect timeout. The error paho logs then is the real reason: it
+    is handed to `on_error` (which ends the attempt) and logged at DEBUG, since the
+    link reports connect failures itself, once.
+    """
+
+    def __init__(self, on_error: Callable[[str], None]) -> None:
+        super().__init__(logging.getLogger(f"{__name__}.client"), {})
+        self.on_error = on_error
+        self.connected = False
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if level >= logging.ERROR and not self.connected:
+            text = str(msg) % args if args else str(msg)
+            self.on_error(text)
+            level = logging.DEBUG
+        super().log(level, msg, *args, **kwargs)
+
+
+def _on_socket_close(client: aiomqtt.Client, closed: Callable[[], None]) -> None:
+    """Also call `closed` (on the loop) when paho closes the socket.
+
+    Before CONNACK aiomqtt ignores a closed socket and waits out its whole connect
+    timeout; a peer that accepts and hangs up (a relay or load balancer in front of
+    a broker that is down) would cost `connect_timeout_s` per attempt. paho's TLS
+    errors are caught earlier through its log (`_ClientLog`), with their reason.
+    Reaches into aiomqtt's paho client; without it, attempts just take longer.
+    """
+    paho = getattr(client, "_client", None)
+    inner = getattr(paho, "on_socket_close", None)
+    if paho is None or inner is None:
+        return
+    loop = asyncio.get_running_loop()
+
+    def on_close(c: Any, userdata: Any, sock: Any) -> None:
+        inner(c, userdata, sock)
+        loop.call_soon_threadsafe(closed)
+
+    paho.on_socket_close = on_close
 
 
 class BrokerLink:
@@ -133,6 +192,10 @@ class BrokerLink:
 
     async def run(self) -> None:
         delays = backoff_delays(self._cfg.reconnect_min_s, self._cfg.reconnect_max_s, self._rng)
+        # Connect failures already logged at WARNING while down; WARNINGs also become
+        # spooled `events`, so attempts alternating between two reasons must not
+        # log (and spool) one each.
+        warned: set[str] = set()
         while not self._closing:
             try:
                 await self._connection()
@@ -155,6 +218,19 @@ class BrokerLink:
                 delays = backoff_delays(
                     self._cfg.reconnect_min_s, self._cfg.reconnect_max_s, self._rng
                 )
+                warned.clear()
+            elif len(warned) < _WARN_REASONS and (self.last_error or "") not in warned:
+                # Warn once per reason while down; the retries repeat at DEBUG.
+                warned.add(self.last_error or "")
+                logger.warning(
+                    "mqtt: cannot connect to %s:%d (MQTT %s%s): %s; retrying every %g s at most",
+                    self._cfg.host,
+                    self._cfg.port,
+                    self._cfg.protocol,
+                    " over TLS" if self._cfg.tls.enabled else "",
+                    self.last_error,
+                    self._cfg.reconnect_max_s,
+                )
             delay = next(delays)
             logger.debug("mqtt: reconnecting in %.1f s (%s)", delay, self.last_error)
             await asyncio.sleep(delay)
@@ -163,6 +239,13 @@ class BrokerLink:
         session = self._sessions.next()
         will_topic, will_payload = self._will(session)
         cfg = self._cfg
+        dropped: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def socket_failed(text: str) -> None:
+            if not dropped.done():
+                dropped.set_result(text)
+
+        client_log = _ClientLog(socket_failed)
         client = aiomqtt.Client(
             cfg.host,
             cfg.port,
@@ -177,8 +260,18 @@ class BrokerLink:
             tls_context=tls_context(cfg),
             max_inflight_messages=cfg.max_inflight,
             max_queued_incoming_messages=1000,
+            logger=client_log,  # type: ignore[arg-type]
+            # Call signaling is a few small writes each way: with Nagle on, each waits
+            # for the peer's delayed ACK (~40 ms a hop; bench/setup_phases.py).
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
-        async with client:
+        _on_socket_close(client, lambda: socket_failed("connection closed by the peer"))
+        # aiomqtt warns on every publish while more than this many await their PUBACK;
+        # the spool drain keeps `max_inflight` in flight by design (plus health, replies).
+        client.pending_calls_threshold = 2 * cfg.max_inflight + 16
+        await self._enter(client, dropped)
+        client_log.connected = True
+        try:
             self._lost = asyncio.get_running_loop().create_future()
             self._client = client
             self.session = session
@@ -198,6 +291,27 @@ class BrokerLink:
             self._bus.publish(BrokerConnected(session))
             async for message in client.messages:
                 self._dispatch(message)
+        finally:
+            # A normal DISCONNECT, so the broker discards the Will.
+            await client.__aexit__(None, None, None)
+
+    @staticmethod
+    async def _enter(client: aiomqtt.Client, dropped: asyncio.Future[str]) -> None:
+        """CONNECT and wait for CONNACK, or fail as soon as the socket is dropped."""
+        enter = asyncio.ensure_future(client.__aenter__())
+        either: set[asyncio.Future[Any]] = {enter, dropped}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not enter.done():
+                await asyncio.sleep(0)  # a connect failing right now has the better reason
+        finally:
+            if not enter.done():
+                enter.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await enter
+        if enter.cancelled():
+            raise BrokerUnavailable(f"connection closed before CONNACK: {dropped.result()}")
+        enter.result()
 
     def _dispatch(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value

@@ -283,6 +283,22 @@ def test_drop_reports_survive_reopen_and_are_returned_exactly_once(tmp_path: Pat
         assert spool.stats().dropped_total == 4
 
 
+def test_drops_after_an_empty_report_are_still_reported(tmp_path: Path) -> None:
+    # The drain asks for reports on every turn; an empty answer must not hide later drops.
+    path = tmp_path / "spool.db"
+    with Spool(path, max_messages=10) as spool:
+        assert spool.take_drop_reports() == []
+        assert spool.take_drop_reports() == []
+        for _ in range(12):
+            spool.put(TOPIC, event)
+        assert spool.take_drop_reports() == [DropReport(1, 2, 2, DropReason.COUNT)]
+        assert spool.take_drop_reports() == []
+        spool.put(TOPIC, event)  # seq 13 drops seq 3 while the store is closed for reports
+    with Spool(path, max_messages=10) as spool:
+        assert spool.take_drop_reports() == [DropReport(3, 3, 1, DropReason.COUNT)]
+        assert spool.take_drop_reports() == []
+
+
 def test_lower_cap_applies_when_reopened(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     with open_spool(path) as spool:

@@ -158,6 +158,8 @@ class Spool:
         self._dropped_total = 0
         self._ceiling = 0
         self._conn: sqlite3.Connection | None = None
+        # False only while every recorded drop is known to be reported (the drain asks often).
+        self._unreported = True
         # True once the state above was read from a healthy store (then next_seq is exact).
         self._loaded = False
         try:
@@ -200,7 +202,11 @@ class Spool:
 
     def take_drop_reports(self) -> list[DropReport]:
         """Return the drop ranges not reported yet, and mark them reported."""
-        return self._guard(self._take_drop_reports)
+        if not self._unreported:
+            return []
+        reports = self._guard(self._take_drop_reports)
+        self._unreported = False
+        return reports
 
     def stats(self) -> SpoolStats:
         """Pending count and bytes, persisted drop total, the next seq to assign."""
@@ -558,6 +564,7 @@ class Spool:
 
     def _record_drops(self, ranges: list[tuple[int, int]], reason: DropReason) -> None:
         """Insert drop ranges, extending the newest unreported one when they touch."""
+        self._unreported = True
         db = self._db
         for first, last in ranges:
             tail = db.execute(
