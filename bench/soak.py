@@ -11,10 +11,13 @@ lets `--media-s` seconds of audio flow, hangs up with the `hangup` command and w
 with a result other than `completed`.
 
 It samples the agent's VmRSS and open descriptors (/proc/<pid>/fd) after a warm-up call
-(the start), at N/2 and at N, and prints growth in % (target <= 5 %), plus the fd kinds
-that changed. With `--tracemalloc-s S` it sends the `memory` command (armed in the bench
-config) after the middle sample: tracemalloc snapshots S seconds apart while calls
-continue, and prints the lines that grew (the leak, if there is one).
+(the start), at N/2 and at N, each time SETTLE_S after the last call closed (the agent
+returns the freed heap a moment after each call; the progress lines in between are taken
+right after a call and swing by a call's working set), and prints growth in %
+(target <= 5 %), plus the fd kinds that changed. With `--tracemalloc-s S` it sends the
+`memory` command (armed in the bench config) after the middle sample: tracemalloc
+snapshots S seconds apart while calls continue, and prints the lines that grew (the
+leak, if there is one).
 """
 
 from __future__ import annotations
@@ -137,6 +140,9 @@ def growth(a: float, b: float) -> float:
     return (b - a) / a * 100 if a else float("nan")
 
 
+SETTLE_S = 1.0
+
+
 async def main_async(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as d, mosquitto(Path(d)) as port:
         tmp = Path(d)
@@ -157,6 +163,7 @@ async def main_async(args: argparse.Namespace) -> int:
                     warm = await one_call(op, args.media_s)
                     if warm is not None:
                         raise RuntimeError(f"warm-up call failed: {warm}")
+                    await asyncio.sleep(SETTLE_S)
                     samples.append(sample("start", 0, agent.pid))
                     t0 = time.monotonic()
                     for i in range(1, args.calls + 1):
@@ -165,6 +172,7 @@ async def main_async(args: argparse.Namespace) -> int:
                             failures.append((i, why))
                             print(f"call {i}: FAILED {why}", flush=True)
                         if i == args.calls // 2:
+                            await asyncio.sleep(SETTLE_S)
                             samples.append(sample("middle", i, agent.pid))
                             if args.tracemalloc_s > 0:
                                 memory_report = await start_memory(op, args.tracemalloc_s)
@@ -177,6 +185,7 @@ async def main_async(args: argparse.Namespace) -> int:
                                 f"({rate * 60:.0f} calls/min)",
                                 flush=True,
                             )
+                    await asyncio.sleep(SETTLE_S)
                     samples.append(sample("end", args.calls, agent.pid))
                     mem = await memory_report if memory_report is not None else None
                 except Exception:

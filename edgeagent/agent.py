@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import platform
 import signal
@@ -36,6 +37,7 @@ from edgeagent.health.alerts import (
     system_metrics,
 )
 from edgeagent.health.crashguard import CrashGuard, CrashSettings
+from edgeagent.health.heap import HeapTrimmer, glibc_malloc_trim
 from edgeagent.health.netwatch import CHECKS, LeakWatch, NetWatchSettings, NetworkWatch
 from edgeagent.health.state import HealthState
 from edgeagent.health.watchdog import Watchdog
@@ -103,6 +105,7 @@ class Agent:
         self.log_ring = LogRing(cfg.telemetry.log_lines)
         self.health = HealthState()
         self.calls = CallCounters()
+        self.heap = HeapTrimmer(glibc_malloc_trim())
         self.stop_reason: str | None = None
         self._stopping = asyncio.Event()
         self._bg: set[asyncio.Task[None]] = set()
@@ -315,6 +318,10 @@ class Agent:
         self.failures.record_result(call.result or "failed")
         self.alerts.observe("call_failure_rate", self.failures.rate())
         self.alerts.reset_scope("call", call.call_id)
+        # Once the session's buffers are gone (its task unwinds right after the summary),
+        # give the freed heap back: without it RSS keeps each call's high-water mark.
+        release = functools.partial(self.heap.release, collect=True)
+        asyncio.get_running_loop().call_later(0.2, release)
 
     def _on_alert(self, c: AlertChange) -> None:
         """Alert state changes: retained and spooled, and a feedback snapshot during a call."""

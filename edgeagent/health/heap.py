@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 from collections.abc import Callable
 
@@ -42,8 +43,16 @@ class HeapTrimmer:
         self.trims = 0
         self.released = 0
 
-    def release(self) -> bool:
-        """Give free heap pages back to the kernel; True if the C library released any."""
+    def release(self, *, collect: bool = False) -> bool:
+        """Give free heap pages back to the kernel; True if the C library released any.
+
+        With `collect`, first run a full garbage collection: a closed call leaves
+        reference cycles (aiortc's peer connection graph, event-emitter callbacks)
+        that would otherwise wait for the next generation-2 pass, so RSS would
+        saw-tooth over several calls instead of returning after each one.
+        """
+        if collect:
+            gc.collect()
         if self._trim is None:
             return False
         self.trims += 1
