@@ -80,12 +80,27 @@ def _is_xrun(exc: alsaaudio.ALSAAudioError) -> bool:
 
 
 def _open_pcm(
-    device: str, pcm_type: int, rate: int, channels: int, period_frames: int, periods: int
+    device: str,
+    pcm_type: int,
+    rate: int,
+    channels: int,
+    period_frames: int,
+    periods: int,
+    *,
+    probe_only: bool = False,
 ) -> Any:
-    try:
+    """Open a PCM for blocking I/O, or (`probe_only`) just check that it opens.
+
+    A blocking-mode open of a card another process holds waits in the kernel until
+    it is free, and pyalsaaudio keeps the GIL meanwhile: the whole agent would
+    freeze (no watchdog pings, no SIGTERM). So every open is first tried in
+    non-blocking mode, which fails at once with "Device or resource busy".
+    """
+
+    def open_(mode: int) -> Any:
         return alsaaudio.PCM(
             type=pcm_type,
-            mode=alsaaudio.PCM_NORMAL,
+            mode=mode,
             rate=rate,
             channels=channels,
             format=alsaaudio.PCM_FORMAT_S16_LE,
@@ -93,6 +108,13 @@ def _open_pcm(
             periods=periods,
             device=device,
         )
+
+    try:
+        probe = open_(alsaaudio.PCM_NONBLOCK)
+        if probe_only:
+            return probe
+        probe.close()
+        return open_(alsaaudio.PCM_NORMAL)
     except alsaaudio.ALSAAudioError as exc:
         raise AudioDeviceError(device, f"cannot open: {exc}") from exc
 
@@ -493,5 +515,5 @@ def probe_devices(capture: str, playback: str) -> None:
     missing at start, and to see it come back after a fault.
     """
     for device, pcm_type in ((capture, alsaaudio.PCM_CAPTURE), (playback, alsaaudio.PCM_PLAYBACK)):
-        pcm = _open_pcm(device, pcm_type, 48000, 1, 960, 2)
+        pcm = _open_pcm(device, pcm_type, 48000, 1, 960, 2, probe_only=True)
         pcm.close()
