@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
+import threading
 import time
 from pathlib import Path
 
@@ -170,3 +173,85 @@ async def test_missing_audio_device_faults_and_recovers(
     cats = [(e["category"], e["level"]) for e in events(c.messages, "dev-a")]
     assert ("audio.device", "error") in cats
     assert any(cat == "audio.device" and lvl == "info" for cat, lvl in cats)
+
+
+class FifoSpeaker:
+    """A playback "card" that can be unplugged mid-call: its file PCM writes to a FIFO.
+
+    A thread drains the FIFO as a sound card consumes samples. It holds the FIFO
+    open read-write, so the PCM's opens never wait for a reader (pyalsaaudio opens
+    holding the GIL) and its writes never see end-of-file. `unplug()` makes the
+    thread close it: with no reader left, the PCM's next writes fail with EPIPE,
+    which alsa-lib's file plugin reports as an I/O error, as for a vanished USB card.
+    """
+
+    def __init__(self, path: Path) -> None:
+        os.mkfifo(path)
+        self.path = path
+        self.received = 0
+        self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+        self._unplug = threading.Event()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        try:
+            while not self._unplug.is_set():
+                ready, _, _ = select.select([self._fd], [], [], 0.05)
+                if ready:
+                    with contextlib.suppress(BlockingIOError):
+                        self.received += len(os.read(self._fd, 65536))
+        finally:
+            os.close(self._fd)
+            self._closed.set()
+
+    def unplug(self) -> None:
+        self._unplug.set()
+        assert self._closed.wait(5)
+
+
+async def test_speaker_vanishing_mid_call_ends_the_call_faults_and_recovers(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 30))
+    cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa)
+    speaker = FifoSpeaker(tmp_path / "spk_fifo")
+    alsa.add_speaker("spk_dev-a", speaker.path)
+
+    def touch_conf() -> None:  # alsa-lib rereads its config when the mtime (s) changes
+        later = time.time() + 2 + touch_conf.bumps  # type: ignore[attr-defined]
+        touch_conf.bumps += 2  # type: ignore[attr-defined]
+        os.utime(alsa.conf, (later, later))
+
+    touch_conf.bumps = 0  # type: ignore[attr-defined]
+    async with collector(broker.port, "edge/v1/#") as c, echo_peer(cfg_e), running(cfg_a) as a:
+        leds = LedLog(a)
+        await a.calls_mgr.dial("echo")
+        await until(lambda: a.calls_mgr.active and a.calls_mgr.active.state == "active")
+        await until(lambda: speaker.received > 48000 * 2)  # a second of audio reached the card
+        # Unplugged: while it is gone, its PCM cannot be opened either.
+        alsa.add_speaker("spk_dev-a", tmp_path / "no-such-card" / "spk.raw")
+        touch_conf()
+        speaker.unplug()
+        sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"), timeout=15)
+        assert sa[0]["result"] == "failed" and sa[0]["end_reason"] == "audio_device"
+        await until(lambda: a.health.current().state == "fault")
+        assert a.calls_mgr.active is None
+        # Plugged back in: the agent notices by itself, leaves the fault, and calls again.
+        alsa.add_speaker("spk_dev-a", tmp_path / "spk_back.raw")
+        touch_conf()
+        await until(lambda: a.health.current().state == "idle", timeout=15)
+        await a.calls_mgr.dial("echo")
+        await until(lambda: a.calls_mgr.active and a.calls_mgr.active.state == "active")
+        await a.calls_mgr.hangup()
+        sa = await c.wait_for(lambda ms: s if len(s := summaries(ms, "dev-a")) == 2 else None)
+    assert sa[1]["result"] == "completed"
+    assert (tmp_path / "spk_back.raw").stat().st_size > 0  # the new card plays
+    cats = [(e["category"], e["level"]) for e in events(c.messages, "dev-a")]
+    assert ("audio.device", "error") in cats
+    assert any(cat == "audio.device" and lvl == "info" for cat, lvl in cats)
+    assert "fault" in leds.states and leds.states[-1] == "idle"
