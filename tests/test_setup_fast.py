@@ -7,12 +7,15 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aioice.ice
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack
+from alsa_support import tone
+from call_support import alsa_env, echo_peer, endpoint_config, running, until
 
 from edgeagent.call.ice import (
     CHECK_INTERVAL_S,
@@ -233,3 +236,34 @@ async def test_offer_answer_still_carries_our_candidates(closing: list[RTCPeerCo
     for desc in (caller.localDescription, callee.localDescription):
         assert isinstance(desc, RTCSessionDescription)
         assert "a=candidate:" in desc.sdp and " 127.0.0.1 " in desc.sdp
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+async def test_the_agent_skips_the_stun_server_its_probe_found_dead(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dead:
+        dead.bind(("127.0.0.1", 0))  # bound, never read: a STUN server that never answers
+        stun = f"stun:127.0.0.1:{dead.getsockname()[1]}"
+        alsa = alsa_env(tmp_path, monkeypatch)
+        cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 10))
+        cfg_a.write_text(
+            cfg_a.read_text().replace(
+                "gather_timeout_s = 0.5", f'gather_timeout_s = 0.5\nstun_urls = ["{stun}"]'
+            )
+        )
+        cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa)
+        async with echo_peer(cfg_e), running(cfg_a) as a:
+            # The agent's first network probe round finds the server dead...
+            await until(lambda: a.netwatch.latest is not None and a.netwatch.latest.stun)
+            assert a._stun_seen_down()
+            await a.calls_mgr.dial("echo")
+            await until(lambda: a.calls_mgr.active and a.calls_mgr.active.session)
+            session = a.calls_mgr.active.session
+            # ...so the call's ICE agent is built without it, and the call connects.
+            assert _conn(session.pc).stun_server is None
+            await until(lambda: a.calls_mgr.active and a.calls_mgr.active.state == "active")
+            await a.calls_mgr.hangup()
