@@ -46,20 +46,14 @@ pytestmark = [
 
 
 def load_mqttjs() -> Path:
-    """The pinned mqtt.js bundle from the cache scripts/setup fills (fetched here if empty)."""
+    """The pinned mqtt.js bundle vendored under tests/browser/vendor (checksum checked)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("mqttjs", PAGE_DIR / "mqttjs.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    try:
-        return Path(module.mqttjs_path())
-    except OSError as exc:
-        pytest.fail(
-            f"mqtt.js {module.VERSION} is not cached and cannot be fetched ({exc}): "
-            "run scripts/setup (or tests/browser/mqttjs.py) with network access"
-        )
+    return Path(module.mqttjs_path())
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -1,10 +1,12 @@
-"""Fetch the pinned mqtt.js browser bundle into a cache dir, verified against its npm integrity.
+"""The pinned mqtt.js browser bundle for the browser tests.
 
-`scripts/setup` runs this (it has the network; the test suite may run in a
-namespace with only loopback). Tests call `mqttjs_path()`, which uses the cache
-and downloads only when it is empty. Standard library only.
+A copy is vendored in tests/browser/vendor/mqtt-<VERSION>/ (MIT, LICENSE.md
+beside it), so the suite needs no network. `fetch` re-creates it from the npm
+registry, verified against the registry's integrity for the tarball, for a
+version bump:
 
-    python tests/browser/mqttjs.py     # prints the path of mqtt.min.js
+    python tests/browser/mqttjs.py --refresh   # download into the vendor dir
+    python tests/browser/mqttjs.py             # prints the path of mqtt.min.js
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import os
 import sys
 import tarfile
 import urllib.request
@@ -28,11 +29,12 @@ INTEGRITY = (
 MEMBERS = {"package/dist/mqtt.min.js": "mqtt.min.js", "package/LICENSE.md": "LICENSE.md"}
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("EDGEAGENT_WEB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgeagent-web"
-    )
-    return Path(base) / f"mqtt-{VERSION}"
+# sha256 of the vendored dist/mqtt.min.js, as unpacked from the verified tarball.
+MIN_JS_SHA256 = "f3cbeae580d3010048938ee370f2db0c15d16e6f7fc147cb32ae5510e571b387"
+
+
+def vendor_dir() -> Path:
+    return Path(__file__).resolve().parent / "vendor" / f"mqtt-{VERSION}"
 
 
 def verify(tarball: bytes) -> None:
@@ -60,13 +62,15 @@ def fetch(dest: Path, timeout_s: float = 60.0) -> None:
 
 
 def mqttjs_path() -> Path:
-    """Path of the cached mqtt.min.js, fetching it first if the cache is empty."""
-    dest = cache_dir()
-    js = dest / "mqtt.min.js"
-    if not js.exists():
-        fetch(dest)
+    """Path of the vendored mqtt.min.js, after checking it is the pinned file."""
+    js = vendor_dir() / "mqtt.min.js"
+    actual = hashlib.sha256(js.read_bytes()).hexdigest()
+    if actual != MIN_JS_SHA256:
+        raise RuntimeError(f"{js} is not mqtt.js {VERSION} (sha256 {actual})")
     return js
 
 
 if __name__ == "__main__":
+    if "--refresh" in sys.argv[1:]:
+        fetch(vendor_dir())
     sys.stdout.write(f"{mqttjs_path()}\n")
