@@ -1,7 +1,8 @@
 """Issue 7's table in one run: the full agent in a call against baresip 1.0.0, same run.
 
 Run: .venv/bin/python bench/perf.py [--quick] [--window-s 25] [--setup-calls 10]
-     [--gather-timeout-s S] [--skip-subbenches] [--phases]
+     [--gather-timeout-s S] [--skip-subbenches] [--phases] [--no-variants] [--cpu-only]
+     [--baseline-tree DIR] [--py-spy DIR [--py-spy-rate N] [--gil | --native]]
 
 What runs (all on 127.0.0.1):
 - a mosquitto on a free port;
@@ -16,6 +17,11 @@ Rows:
   over a `--window-s` window that starts `settle` seconds after `call.established`,
   divided by the window's wall time; baresip: two 1.0.0 instances calling each other
   (bench/baresip.py), per endpoint, same window length, measured just before the agent.
+  Under it, the same window's user/kernel split and CPU per thread (/proc/<pid>/task/*/stat),
+  then same-run variants, each a fresh agent and call: AEC off (`[audio.aec] enabled = false`),
+  Opus complexity 5, both; and with `--baseline-tree DIR` the agent of another checkout
+  (e.g. `git archive HEAD | tar -x -C DIR`) for a before/after row. `--cpu-only` skips the
+  set-up calls and the dead-STUN phase (for quick A/B runs).
 - agent RSS in that call: VmRSS, and USS/PSS from psutil (smaps).
 - offer to connected: arrival (at this script, through the broker) of the agent's offer on
   the echo peer's signal topic to arrival of the agent's `call.established` event; median
@@ -147,6 +153,7 @@ def write_configs(
     gather_timeout_s: float | None = None,
     call_extra: str = "",
     armed: tuple[str, ...] = (),
+    tables: str = "",
 ) -> tuple[Path, Path]:
     stun = f'stun_urls = ["{stun_url}"]\n' if stun_url else ""
     gather = f"gather_timeout_s = {gather_timeout_s}\n" if gather_timeout_s is not None else ""
@@ -169,7 +176,7 @@ default_peer = "{ECHO_ID}"
 [security]
 commands = "open"
 armed = {json.dumps(list(armed))}
-""",
+{tables}""",
     )
     echo = agent_config(
         tmp,
@@ -187,6 +194,7 @@ class Child:
     env: dict[str, str]
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    cwd: Path = ROOT
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
@@ -196,7 +204,7 @@ class Child:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=dict(os.environ, **self.env),
-                cwd=ROOT,
+                cwd=self.cwd,
             )
 
     @property
@@ -221,9 +229,12 @@ class Child:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
-def agent_child(cfg: Path, env: dict[str, str], log: Path, extra_env: dict[str, str]) -> Child:
+def agent_child(
+    cfg: Path, env: dict[str, str], log: Path, extra_env: dict[str, str], root: Path = ROOT
+) -> Child:
+    """`python -m edgeagent run`; from another checkout `root` (its cwd) for a baseline row."""
     argv = [sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)]
-    return Child("agent", argv, dict(env, **extra_env), log)
+    return Child("agent", argv, dict(env, **extra_env), log, cwd=root)
 
 
 def echo_child(cfg: Path, env: dict[str, str], log: Path) -> Child:
@@ -404,27 +415,60 @@ async def end_call(op: Operator, call_id: str, within_s: float = 20.0) -> Msg:
 # --- measurements -----------------------------------------------------------------------------
 
 
+def user_sys_s(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds (utime + stime) of each thread of `pid`, keyed "name/tid"."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+                name = stat[stat.index("(") + 1 : stat.rindex(")")]
+                fields = stat[stat.rindex(")") + 2 :].split()
+                out[f"{name}/{tid}"] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def thread_split(before: dict[str, float], after: dict[str, float], wall_s: float) -> str:
+    """ms of CPU per second for each thread that used any, busiest first."""
+    rates = {k: (v - before.get(k, 0.0)) * 1000 / wall_s for k, v in after.items()}
+    busy = sorted(((r, k) for k, r in rates.items() if r > 0.05), reverse=True)
+    return ", ".join(f"{k.rsplit('/', 1)[0]} {r:.1f}" for r, k in busy) or "n/a"
+
+
 @dataclass
 class InCall:
     cpu_ms_per_s: float
     window_s: float
     mem: dict[str, float]
     fds: int
+    threads: str = ""
 
 
 async def measure_in_call(op: Operator, agent: Child, window_s: float, settle_s: float) -> InCall:
     times = await place_call(op)
     await op.wait_for(op.event("call.media_started", times.call_id), 0, 15)
     await asyncio.sleep(settle_s)
+    t0, us0 = thread_cpu_s(agent.pid), user_sys_s(agent.pid)
     c0, w0 = cpu_s(agent.pid), time.monotonic()
     await asyncio.sleep(window_s)
     c1, w1 = cpu_s(agent.pid), time.monotonic()
+    t1, us1 = thread_cpu_s(agent.pid), user_sys_s(agent.pid)
     mem = memory_mib(agent.pid)
     fds = open_fds(agent.pid)
     if any(op.event("call.closed", times.call_id)(m) for m in op.messages):
         raise RuntimeError("the call ended during the CPU window")
     await end_call(op, times.call_id)
-    return InCall((c1 - c0) * 1000 / (w1 - w0), w1 - w0, mem, fds)
+    user, kernel = ((b - a) * 1000 / (w1 - w0) for a, b in zip(us0, us1, strict=True))
+    split = f"user {user:.1f}, kernel {kernel:.1f}; " + thread_split(t0, t1, w1 - w0)
+    return InCall((c1 - c0) * 1000 / (w1 - w0), w1 - w0, mem, fds, split)
 
 
 async def measure_setup(op: Operator, n: int) -> list[CallTimes]:
@@ -554,14 +598,25 @@ async def run_agent_phase(
     settle_s: float,
     profile_dir: Path | None = None,
     phases: bool = False,
+    call_extra: str = "",
+    tables: str = "",
+    native: bool = False,
+    gil: bool = False,
+    agent_root: Path = ROOT,
+    spy_rate: int = 100,
 ) -> AgentRun:
     d = tmp / label
     d.mkdir()
     agent_cfg, echo_cfg = write_configs(
-        d, port, stun_url=stun_url, gather_timeout_s=gather_timeout_s
+        d,
+        port,
+        stun_url=stun_url,
+        gather_timeout_s=gather_timeout_s,
+        call_extra=call_extra,
+        tables=tables,
     )
     echo = echo_child(echo_cfg, env, d / "echo.log")
-    agent = agent_child(agent_cfg, env, d / "agent.log", {})
+    agent = agent_child(agent_cfg, env, d / "agent.log", {}, agent_root)
     result = AgentRun()
     echo.start()
     try:
@@ -578,7 +633,9 @@ async def run_agent_phase(
                 if phases:
                     result.phases = await collect_phases(op, result.setup)
                 if profile_dir is not None:
-                    await profile_agent(op, agent, echo, profile_dir, window_s or 10.0)
+                    await profile_agent(
+                        op, agent, echo, profile_dir, window_s or 10.0, native, gil, spy_rate
+                    )
             except Exception:
                 print(f"--- agent log ({label}):\n{agent.tail()}", file=sys.stderr)
                 print(f"--- echo log ({label}):\n{echo.tail()}", file=sys.stderr)
@@ -597,13 +654,15 @@ PY_SPY = Path(sys.executable).with_name("py-spy")
 
 
 async def py_spy_start(
-    pid: int, out: Path, rate: int, fmt: str = "raw"
+    pid: int, out: Path, rate: int, fmt: str = "raw", native: bool = False, gil: bool = False
 ) -> asyncio.subprocess.Process:
-    """`py-spy record` on `pid` until stopped with SIGINT (non-blocking sampling)."""
+    """`py-spy record` on `pid` until stopped with SIGINT (non-blocking unless `native`:
+    native stacks need the process paused while they are unwound)."""
     return await asyncio.create_subprocess_exec(
         str(PY_SPY),
         "record",
-        "--nonblocking",
+        *(["--native"] if native else ["--nonblocking"]),
+        *(["--gil"] if gil else []),
         "-p",
         str(pid),
         "-r",
@@ -654,16 +713,26 @@ def summarize_collapsed(path: Path, top: int = 20) -> str:
 
 
 async def profile_agent(
-    op: Operator, agent: Child, echo: Child, out: Path, window_s: float
+    op: Operator,
+    agent: Child,
+    echo: Child,
+    out: Path,
+    window_s: float,
+    native: bool = False,
+    gil: bool = False,
+    rate: int = 100,
 ) -> None:
     """py-spy over one call's steady state, then over setup calls (agent and echo peer)."""
     times = await place_call(op)
     await op.wait_for(op.event("call.media_started", times.call_id), 0, 15)
     await asyncio.sleep(3)
     spies = [
-        await py_spy_start(agent.pid, out / "call-agent.txt", 100),
-        await py_spy_start(agent.pid, out / "call-agent.speedscope.json", 100, "speedscope"),
+        await py_spy_start(agent.pid, out / "call-agent.txt", rate, native=native, gil=gil),
     ]
+    if not native and not gil:  # two native samplers would pause the agent twice as often
+        spies.append(
+            await py_spy_start(agent.pid, out / "call-agent.speedscope.json", 100, "speedscope")
+        )
     await asyncio.sleep(window_s)
     for spy in spies:
         await py_spy_stop(spy)
@@ -776,6 +845,41 @@ async def main_async(args: argparse.Namespace) -> None:
             settle_s=settle_s,
             phases=args.phases,
         )
+        variants: dict[str, InCall] = {}
+        if args.baseline_tree is not None:
+            print(f"baseline agent from {args.baseline_tree} ...", flush=True)
+            run = await run_agent_phase(
+                tmp,
+                port,
+                env,
+                label="baseline",
+                stun_url=None,
+                gather_timeout_s=args.gather_timeout_s,
+                setup_calls=0,
+                window_s=args.window_s,
+                settle_s=settle_s,
+                agent_root=args.baseline_tree,
+            )
+            assert run.in_call is not None
+            variants["baseline tree"] = run.in_call
+        if not args.no_variants:
+            for label, call_extra, tables in VARIANTS:
+                print(f"agent in a call, {label}: {args.window_s:.0f} s window ...", flush=True)
+                run = await run_agent_phase(
+                    tmp,
+                    port,
+                    env,
+                    label=re.sub(r"\W+", "-", label),
+                    stun_url=None,
+                    gather_timeout_s=args.gather_timeout_s,
+                    setup_calls=0,
+                    window_s=args.window_s,
+                    settle_s=settle_s,
+                    call_extra=call_extra,
+                    tables=tables,
+                )
+                assert run.in_call is not None
+                variants[label] = run.in_call
         if args.py_spy is not None:
             print(f"py-spy profiles into {args.py_spy} ...", flush=True)
             await run_agent_phase(
@@ -789,20 +893,27 @@ async def main_async(args: argparse.Namespace) -> None:
                 window_s=None,
                 settle_s=settle_s,
                 profile_dir=args.py_spy,
+                native=args.native,
+                gil=args.gil,
+                spy_rate=args.py_spy_rate,
             )
         print("agent with an unreachable STUN server ...", flush=True)
         dead_port = free_port()  # nothing listens there (UDP: the port is only probed as TCP)
-        dead = await run_agent_phase(
-            tmp,
-            port,
-            env,
-            label="deadstun",
-            stun_url=f"stun:127.0.0.1:{dead_port}",
-            gather_timeout_s=args.gather_timeout_s,
-            setup_calls=max(3, args.setup_calls // 2),
-            window_s=None,
-            settle_s=settle_s,
-            phases=args.phases,
+        dead = (
+            await run_agent_phase(
+                tmp,
+                port,
+                env,
+                label="deadstun",
+                stun_url=f"stun:127.0.0.1:{dead_port}",
+                gather_timeout_s=args.gather_timeout_s,
+                setup_calls=0 if args.cpu_only else max(3, args.setup_calls // 2),
+                window_s=None,
+                settle_s=settle_s,
+                phases=args.phases,
+            )
+            if not args.cpu_only
+            else AgentRun()
         )
     subs = Subs()
     if not args.skip_subbenches:
@@ -839,6 +950,12 @@ async def main_async(args: argparse.Namespace) -> None:
             f"RSS {ref.rss_mib[0]:.1f} MiB",
         )
     row("  agent (ms CPU per call-second)", f"{ic.cpu_ms_per_s:.1f}", "", "agent process only")
+    row("    per thread (ms CPU per s)", "", "", ic.threads)
+    for label, v in variants.items():
+        note = f"same run; threads: {v.threads}"
+        if ref is not None:
+            note = f"ratio {v.cpu_ms_per_s / ref.per_endpoint_ms:.2f}; {note}"
+        row(f"  agent, {label} (ms/s)", f"{v.cpu_ms_per_s:.1f}", "", note)
     note = f"USS {fmt(ic.mem.get('uss'))}, PSS {fmt(ic.mem.get('pss'))} MiB; {ic.fds} open fds"
     row("agent RSS during a call (MiB)", f"{ic.mem['rss']:.1f}", "<= 64", note)
     row(
@@ -881,6 +998,14 @@ async def main_async(args: argparse.Namespace) -> None:
         dead.phases.print("unreachable STUN server")
 
 
+# Same-run variants of the in-call CPU row: (label, extra [call] keys, extra tables).
+VARIANTS: tuple[tuple[str, str, str], ...] = (
+    ("AEC off", "", "[audio.aec]\nenabled = false\n"),
+    ("Opus complexity 5", "opus_complexity = 5\n", ""),
+    ("AEC off + complexity 5", "opus_complexity = 5\n", "[audio.aec]\nenabled = false\n"),
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short windows, fewer runs")
@@ -893,6 +1018,36 @@ def main() -> None:
         help="ice.gather_timeout_s for the agent (default: the product default)",
     )
     parser.add_argument("--skip-subbenches", action="store_true")
+    parser.add_argument(
+        "--no-variants",
+        action="store_true",
+        help="skip the same-run rows with AEC off and Opus complexity 5",
+    )
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        metavar="DIR",
+        help="also measure an agent run from another checkout (e.g. `git archive HEAD`), "
+        "for a same-run before/after row",
+    )
+    parser.add_argument(
+        "--cpu-only",
+        action="store_true",
+        help="only the in-call CPU rows: no set-up calls, no dead-STUN phase",
+    )
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="with --py-spy: native (C) frames too; pauses the agent while sampling",
+    )
+    parser.add_argument(
+        "--py-spy-rate", type=int, default=100, help="samples per second in the call profile"
+    )
+    parser.add_argument(
+        "--gil",
+        action="store_true",
+        help="with --py-spy: sample only the thread holding the GIL (Python on CPU)",
+    )
     parser.add_argument(
         "--phases",
         action="store_true",
@@ -911,6 +1066,8 @@ def main() -> None:
         args.window_s = 10.0 if args.quick else 25.0
     if args.setup_calls is None:
         args.setup_calls = 5 if args.quick else 10
+    if args.cpu_only:
+        args.setup_calls = 0
     asyncio.run(main_async(args))
 
 

@@ -283,3 +283,31 @@ def test_receiver_decoder_thread_is_the_one_inline_decode_stands_in_for() -> Non
     assert "self.__decoder_queue.put(None)\n            self.__decoder_thread.join()" in receiver
     assert "self.__decoder_error" in receiver, DRIFT
     assert _source_digest(aiortc.rtcrtpreceiver.RTCRtpReceiver.receive) == "d6d8d8d7a0bf4e95"
+
+
+# --- round 2 (docs/profile.md "Round 2"): mono decode, pushed sink, audio level -------------
+
+
+def test_remote_track_hands_on_anything_but_none_so_a_push_failure_reaches_the_sink() -> None:
+    """edgeagent/call/tracks.py RemoteAudioSink.push puts a `_PushFailed` on `_queue`."""
+    src = inspect.getsource(aiortc.rtcrtpreceiver.RemoteStreamTrack)
+    assert "self._queue: asyncio.Queue = asyncio.Queue()" in src, DRIFT
+    assert "frame = await self._queue.get()\n        if frame is None:" in src, DRIFT
+    assert "return frame" in src, DRIFT
+    assert "return self._track" in inspect.getsource(aiortc.RTCRtpReceiver.track.fget), DRIFT
+
+
+def test_aiortc_opus_decoder_is_the_one_mono_opus_decoder_mirrors() -> None:
+    """edgeagent/call/opus.py MonoOpusDecoder: the same, with layout "mono"."""
+    import aiortc.codecs.opus
+
+    src = inspect.getsource(aiortc.codecs.opus.OpusDecoder)
+    assert 'self.codec.layout = "stereo"' in src, DRIFT
+    assert "packet.pts = encoded_frame.timestamp" in src, DRIFT
+    assert _source_digest(aiortc.codecs.opus.OpusDecoder) == "40cd30859e54f638", DRIFT
+
+
+def test_aiortc_receivers_never_read_the_rtp_audio_level() -> None:
+    """Why `send_audio_level(pc, False)` is safe towards another agent (an aiortc far end)."""
+    for module in (aiortc.rtcrtpreceiver, aiortc.rtcdtlstransport, aiortc.rtcpeerconnection):
+        assert "audio_level" not in inspect.getsource(module), DRIFT

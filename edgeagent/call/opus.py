@@ -369,6 +369,28 @@ def audio_level_dbov(frame: av.AudioFrame) -> int:
     return round(db)
 
 
+class MonoOpusDecoder:
+    """aiortc's `OpusDecoder` with a mono output layout: the same samples, half the copying.
+
+    libopus decodes a mono stream (what our SDP asks every far end for) to
+    stereo by duplicating the channel, which our sink then averages back; a
+    mono output layout skips both (tests/test_fastpath_monodecode.py checks
+    the samples are identical). A stereo stream is downmixed by libopus.
+    """
+
+    def __init__(self) -> None:
+        self.codec = av.CodecContext.create("libopus", "r")
+        self.codec.format = "s16"
+        self.codec.layout = "mono"
+        self.codec.sample_rate = SAMPLE_RATE
+
+    def decode(self, encoded_frame: Any) -> list[Frame]:
+        packet = Packet(encoded_frame.data)
+        packet.pts = encoded_frame.timestamp
+        packet.time_base = TIME_BASE
+        return list(self.codec.decode(packet))
+
+
 class InlineEncode:
     """A sender's `_next_encoded_frame` that encodes on the loop, not on an executor thread.
 
@@ -382,6 +404,9 @@ class InlineEncode:
     def __init__(self, sender: RTCRtpSender) -> None:
         self._sender = weakref.ref(sender)
         self.frames = 0  # frames encoded through this path
+        # RFC 6464 level in each packet; off for a far end that ignores it (another
+        # agent: aiortc's receiver never reads it), which saves computing it.
+        self.audio_level = True
 
     async def __call__(self, codec: Any) -> RTCEncodedFrame | None:
         sender = self._sender()
@@ -393,7 +418,7 @@ class InlineEncode:
         encoder = getattr(sender, SENDER_ENCODER_ATTR)
         audio_level = None
         if isinstance(data, Frame):
-            if isinstance(data, av.AudioFrame):
+            if self.audio_level and isinstance(data, av.AudioFrame):
                 audio_level = audio_level_dbov(data)
             force_keyframe = getattr(sender, SENDER_KEYFRAME_ATTR)
             setattr(sender, SENDER_KEYFRAME_ATTR, False)
@@ -446,6 +471,17 @@ def install_opus_encoder(pc: RTCPeerConnection, settings: OpusSettings) -> int:
         setattr(sender, SENDER_ENCODER_ATTR, MonoOpusEncoder(settings))
         install_inline_encode(sender)
         count += 1
+    return count
+
+
+def send_audio_level(pc: RTCPeerConnection, enabled: bool) -> int:
+    """Turn the RTP audio-level extension of `pc`'s inline-encoding senders on or off."""
+    count = 0
+    for transceiver in pc.getTransceivers():
+        inline = transceiver.sender.__dict__.get("_next_encoded_frame")
+        if isinstance(inline, InlineEncode):
+            inline.audio_level = enabled
+            count += 1
     return count
 
 

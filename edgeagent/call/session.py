@@ -36,8 +36,14 @@ from edgeagent.call.opus import (
     install_opus_encoder,
     munge_sdp,
     opus_encoders,
+    send_audio_level,
 )
-from edgeagent.call.tracks import MicrophoneTrack, RemoteAudioSink, install_receive_path
+from edgeagent.call.tracks import (
+    MicrophoneTrack,
+    RemoteAudioSink,
+    connect_sink,
+    install_receive_path,
+)
 from edgeagent.clock import Clock
 from edgeagent.config import Config
 from edgeagent.hw.alsa import AlsaCapture, AlsaPlayback, AudioDeviceError
@@ -244,6 +250,10 @@ class CallSession:
         self.playback = AlsaPlayback(
             audio.playback_device, self.sink.pull, clock=self.clock, paced=audio.paced
         )
+        # Decoded frames straight into the playout buffer; if the receive path is
+        # not installed yet (the track event fires inside setRemoteDescription),
+        # `_after_remote` connects it.
+        connect_sink(self.pc, self.sink)
         self._spawn(self.sink.run(), "sink")
         self._spawn(self.playback.run(), "playback")
 
@@ -350,11 +360,16 @@ class CallSession:
         return str(self.pc.localDescription.sdp)
 
     def _after_remote(self, remote_sdp: str) -> None:
-        self._receive_buffers = install_receive_path(self.pc)
+        # The sink downmixes to mono anyway: decode Opus to mono (docs/profile.md).
+        self._receive_buffers = install_receive_path(self.pc, mono_opus=True)
+        if self.sink is not None:
+            connect_sink(self.pc, self.sink)
         install_opus_encoder(self.pc, self.opus)
         # Who decodes what we send: another agent (no FEC, fade concealment) or a
         # browser/SIP phone (libopus PLC, FEC when it asked for it).
         self.far_end_ours = far_end_is_aiortc(remote_sdp)
+        # aiortc's receiver never reads the RTP audio level: skip it for our agents.
+        send_audio_level(self.pc, not self.far_end_ours)
         self.fec_to_far_end = self.opus.fec and far_end_decodes_fec(remote_sdp)
         for encoder in opus_encoders(self.pc):
             encoder.set_fec(self.fec_to_far_end)

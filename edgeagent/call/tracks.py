@@ -15,6 +15,10 @@ Decoding runs inline on the event loop (`InlineDecodeQueue`): aiortc hands
 every received frame to a decoder thread through a `queue.Queue` and back
 with `run_coroutine_threadsafe`, two thread hops (a condition notify, a
 task and a self-pipe write) around a ~40 µs Opus decode (docs/profile.md).
+A call's sink can also take the decoded frames straight from the decoder
+(`connect_sink`): no remote-track queue, no task wake-up per frame; and
+Opus can be decoded to mono (`mono_opus`), the samples the sink would have
+averaged out of libopus's duplicated stereo (docs/profile.md, "Round 2").
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import av
@@ -36,6 +41,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from edgeagent.audio.frames import SAMPLE_RATE, Samples, downmix, resample_linear
 from edgeagent.audio.playout import PlayoutBuffer
+from edgeagent.call.opus import MonoOpusDecoder
 from edgeagent.clock import Clock
 from edgeagent.hw.alsa import AudioDeviceError, CapturedFrame
 
@@ -108,11 +114,11 @@ class MicrophoneTrack(MediaStreamTrack):
             samples = self.processor(samples)
         if self._first_seq is None:
             self._first_seq = captured.seq
-        frame = av.AudioFrame.from_ndarray(
-            np.ascontiguousarray(samples, dtype=np.int16).reshape(1, -1),
-            format="s16",
-            layout="mono",
-        )
+        # An empty mono s16 frame filled from the samples: what `from_ndarray` makes,
+        # without its shape and dtype checks (tests/test_fastpath_receive.py).
+        frame = av.AudioFrame(format="s16", layout="mono", samples=samples.size)
+        pcm = np.ascontiguousarray(samples, dtype=np.int16)
+        frame.planes[0].update(pcm)  # type: ignore[arg-type]  # any buffer; stubs say bytes
         frame.sample_rate = SAMPLE_RATE
         frame.pts = (captured.seq - self._first_seq) * samples.size
         frame.time_base = TIME_BASE
@@ -146,18 +152,40 @@ class RemoteAudioSink:
         self.frames_received = 0
         self.last_frame_at: float | None = None  # clock.monotonic() of the last decoded frame
 
+    @property
+    def track(self) -> MediaStreamTrack:
+        return self._track
+
     async def run(self) -> None:
+        """Until the track ends; frames come through it, or through `push` once connected."""
         try:
             while True:
                 frame = await self._track.recv()
-                if not isinstance(frame, av.AudioFrame):
-                    raise TypeError(f"remote audio track gave {type(frame).__name__}")
-                samples, ts = frame_to_mono(frame)
-                self.playout.push(samples, ts)
-                self.frames_received += 1
-                self.last_frame_at = self._clock.monotonic()
+                if isinstance(frame, _PushFailed):
+                    raise frame.error
+                self.accept(frame)
         except MediaStreamError:
             logger.info("remote audio: track ended after %d frames", self.frames_received)
+
+    def accept(self, frame: Any) -> None:
+        """One decoded frame into the playout buffer."""
+        if not isinstance(frame, av.AudioFrame):
+            raise TypeError(f"remote audio track gave {type(frame).__name__}")
+        samples, ts = frame_to_mono(frame)
+        self.playout.push(samples, ts)
+        self.frames_received += 1
+        self.last_frame_at = self._clock.monotonic()
+
+    def push(self, frame: Any) -> None:
+        """`accept` for a decoder that delivers directly (on the loop, inside aiortc's
+        receive path): an error ends `run()` with it, as it would on the track path."""
+        try:
+            self.accept(frame)
+        except (TypeError, ValueError) as exc:
+            queue = getattr(self._track, "_queue", None)
+            if queue is None:
+                raise
+            queue.put_nowait(_PushFailed(exc))
 
     def pull(self) -> Samples:
         out = self.playout.pull()
@@ -166,13 +194,26 @@ class RemoteAudioSink:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class _PushFailed:
+    """Put on the remote track's queue when a pushed frame failed: `run()` raises it."""
+
+    error: Exception
+
+
 def frame_to_mono(frame: av.AudioFrame) -> tuple[Samples, int | None]:
     """Decoded s16 frame -> (48 kHz mono int16, timestamp in 48 kHz samples or None)."""
     channels = frame.layout.nb_channels
-    if frame.format.name != "s16" or frame.format.is_planar:
-        raise ValueError(f"expected packed s16, got {frame.format.name}")
-    raw = np.asarray(frame.to_ndarray(), dtype=np.int16)
-    mono = downmix(raw.reshape(-1), channels)
+    fmt = frame.format
+    if fmt.name != "s16" or fmt.is_planar:
+        raise ValueError(f"expected packed s16, got {fmt.name}")
+    # The plane's bytes as int16 (what `to_ndarray` gives, without its vstack and
+    # copy); the plane may be padded past the samples, hence the count. A copy
+    # only when no downmix makes one: the frame's buffer is not ours to keep.
+    raw: Samples = np.frombuffer(
+        memoryview(frame.planes[0]), dtype=np.int16, count=frame.samples * channels
+    )
+    mono = downmix(raw, channels) if channels > 1 else raw.copy()
     rate = int(frame.sample_rate)
     mono = resample_linear(mono, rate, SAMPLE_RATE)
     ts: int | None = None
@@ -239,8 +280,11 @@ class InlineDecodeQueue:
     frames go straight into the remote track's asyncio queue.
     """
 
-    def __init__(self, receiver: RTCRtpReceiver) -> None:
+    def __init__(self, receiver: RTCRtpReceiver, *, mono_opus: bool = False) -> None:
         self._receiver = weakref.ref(receiver)
+        self.mono_opus = mono_opus
+        # Where decoded frames go instead of the remote track's queue (`connect_sink`).
+        self.deliver: Callable[[Any], None] | None = None
         self._output: asyncio.Queue[Any] | None = None  # the remote track's, once it exists
         self._decode_error: threading.Event = getattr(receiver, RECEIVER_DECODE_ERROR_ATTR)
         self._stopped = threading.Event()
@@ -257,7 +301,10 @@ class InlineDecodeQueue:
             return
         codec, encoded_frame = task
         if codec.name != self._codec_name:
-            self._decoder = get_decoder(codec)
+            if self.mono_opus and codec.name.lower() == "opus":
+                self._decoder = MonoOpusDecoder()
+            else:
+                self._decoder = get_decoder(codec)
             self._codec_name = codec.name
         try:
             frames = self._decoder.decode(encoded_frame)
@@ -269,6 +316,11 @@ class InlineDecodeQueue:
             self._decode_error.set()
             return
         self.decoded += 1
+        deliver = self.deliver
+        if deliver is not None:
+            for frame in frames:
+                deliver(frame)
+            return
         output = self._output
         if output is None:
             receiver = self._receiver()
@@ -284,7 +336,7 @@ class InlineDecodeQueue:
         self._stopped.wait()
 
 
-def inline_decode(receiver: RTCRtpReceiver) -> InlineDecodeQueue | None:
+def inline_decode(receiver: RTCRtpReceiver, *, mono_opus: bool = False) -> InlineDecodeQueue | None:
     """Make an audio receiver decode on the loop (idempotent); None once its thread runs."""
     current = getattr(receiver, RECEIVER_DECODER_QUEUE_ATTR, None)
     if current is None or not hasattr(receiver, RECEIVER_DECODER_THREAD_ATTR):
@@ -293,13 +345,16 @@ def inline_decode(receiver: RTCRtpReceiver) -> InlineDecodeQueue | None:
         return current
     if getattr(receiver, RECEIVER_DECODER_THREAD_ATTR) is not None:
         return None  # already receiving through aiortc's thread: leave it
-    inline = InlineDecodeQueue(receiver)
+    inline = InlineDecodeQueue(receiver, mono_opus=mono_opus)
     setattr(receiver, RECEIVER_DECODER_QUEUE_ATTR, inline)
     return inline
 
 
-def install_receive_path(pc: RTCPeerConnection) -> list[ArrivalOrderBuffer]:
-    """Bypass the jitter buffer of every audio receiver of `pc` and decode inline.
+def install_receive_path(
+    pc: RTCPeerConnection, *, mono_opus: bool = False
+) -> list[ArrivalOrderBuffer]:
+    """Bypass the jitter buffer of every audio receiver of `pc` and decode inline
+    (Opus to mono with `mono_opus`: for a consumer that downmixes anyway).
 
     Call after `setRemoteDescription` (the answerer's transceivers are created
     there) and before media flows; calling again is harmless.
@@ -308,5 +363,23 @@ def install_receive_path(pc: RTCPeerConnection) -> list[ArrivalOrderBuffer]:
     for t in pc.getTransceivers():
         if t.kind == "audio":
             buffers.append(bypass_jitter_buffer(t.receiver))
-            inline_decode(t.receiver)
+            inline_decode(t.receiver, mono_opus=mono_opus)
     return buffers
+
+
+def connect_sink(pc: RTCPeerConnection, sink: RemoteAudioSink) -> bool:
+    """Deliver the frames decoded for `sink`'s track straight to `sink.push`.
+
+    Skips the remote track's asyncio queue and the sink task's wake-up per
+    frame; the track still ends the sink's `run()` when the call ends. False
+    when that receiver does not decode inline (yet): frames keep coming
+    through the track.
+    """
+    for t in pc.getTransceivers():
+        if t.kind != "audio" or t.receiver.track is not sink.track:
+            continue
+        inline = getattr(t.receiver, RECEIVER_DECODER_QUEUE_ATTR, None)
+        if isinstance(inline, InlineDecodeQueue):
+            inline.deliver = sink.push
+            return True
+    return False
