@@ -99,7 +99,12 @@ async def drain_rate(tmp: Path, port: int, n: int = 20000) -> tuple[float, float
     relay = TcpRelay(port)
     await relay.start()
     cfg = load_config(agent_config(tmp, relay.port, "bench-drain"), environ={})
-    agent = Agent(cfg, AgentSeams(install_signal_handlers=False, install_crash_hooks=False))
+    agent = Agent(
+        cfg,
+        AgentSeams(
+            install_signal_handlers=False, install_crash_hooks=False, freeze_gc_after_start=False
+        ),
+    )
     task = asyncio.create_task(agent.run())
     await agent.link.connected.wait()
     relay.set_open(False)

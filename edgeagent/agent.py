@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import platform
 import signal
@@ -90,6 +91,10 @@ class AgentSeams:
     notify: Callable[[str], bool] = systemd.notify
     install_signal_handlers: bool = True
     install_crash_hooks: bool = True
+    # Process-wide like the two above: after start-up, move every object alive into
+    # the GC's permanent generation, so the full collection after each call scans
+    # only what calls created (~0.1 ms instead of ~20 ms here, 3-5x that on a Pi).
+    freeze_gc_after_start: bool = True
 
 
 class Agent:
@@ -782,6 +787,9 @@ class Agent:
                     on_long_press=self._on_button_long_press,
                     loop=loop,
                 )
+            if self.seams.freeze_gc_after_start:
+                gc.collect()
+                gc.freeze()
             self.seams.notify("READY=1")
             logger.info("agent: %s ready (device %s)", __version__, self.cfg.device.id)
             async with asyncio.TaskGroup() as tg:

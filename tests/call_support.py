@@ -63,7 +63,8 @@ def alsa_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> BenchAlsa:
 @contextlib.asynccontextmanager
 async def running(cfg_path: Path, **seams: Any) -> AsyncIterator[Agent]:
     agent = Agent(
-        load_config(cfg_path, environ={}), AgentSeams(install_signal_handlers=False, **seams)
+        load_config(cfg_path, environ={}),
+        AgentSeams(install_signal_handlers=False, freeze_gc_after_start=False, **seams),
     )
     task = asyncio.create_task(agent.run())
     try:

@@ -887,7 +887,7 @@ armed = ["memory", "profile", "restart"]
 local_socket = "{sock}"
 """
     cfg = load_config(agent_config(tmp_path, broker.port, extra=extra))
-    agent = Agent(cfg, AgentSeams(install_signal_handlers=False))
+    agent = Agent(cfg, AgentSeams(install_signal_handlers=False, freeze_gc_after_start=False))
     if not hasattr(agent, "commands"):
         pytest.skip("the command server is wired into Agent by the lead")
     task = asyncio.create_task(agent.run())

@@ -248,7 +248,12 @@ async def test_mqtt_311_birth_info_publish_and_will(tmp_path: Path, broker) -> N
         environ={"EDGEAGENT__MQTT__PROTOCOL": '"3.1.1"'},
     )
     assert cfg.mqtt.protocol == "3.1.1"
-    agent = Agent(cfg, AgentSeams(install_signal_handlers=False, install_crash_hooks=False))
+    agent = Agent(
+        cfg,
+        AgentSeams(
+            install_signal_handlers=False, install_crash_hooks=False, freeze_gc_after_start=False
+        ),
+    )
     try:
         async with collector(
             broker.port, "edge/v1/dev-1/status", "edge/v1/dev-1/info", "edge/v1/dev-1/x"

@@ -24,7 +24,10 @@ OUTAGE_S = float(os.environ.get("EDGEAGENT_TEST_OUTAGE_S", "60"))
 
 @contextlib.asynccontextmanager
 async def running_agent(cfg_path: Path) -> AsyncIterator[Agent]:
-    agent = Agent(load_config(cfg_path, environ={}), AgentSeams(install_signal_handlers=False))
+    agent = Agent(
+        load_config(cfg_path, environ={}),
+        AgentSeams(install_signal_handlers=False, freeze_gc_after_start=False),
+    )
     task = asyncio.create_task(agent.run())
     try:
         yield agent
