@@ -79,7 +79,11 @@ RAW_CALL = MEASURE + textwrap.dedent(
             asyncio.ensure_future(drain())
 
         pc.addTrack(Tone())
-        await pc.setLocalDescription(await pc.createOffer())
+        offer = await pc.createOffer()
+        # Loopback only (the network rule): aioice's own choice is every address but lo.
+        from edgeagent.call.ice import restrict_host_addresses
+        restrict_host_addresses(pc, ["127.0.0.1"])
+        await pc.setLocalDescription(offer)
         print(json.dumps({"sdp": pc.localDescription.sdp}), flush=True)
         answer = json.loads(await asyncio.to_thread(sys.stdin.readline))
         await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
@@ -109,6 +113,8 @@ async def raw_call(media_s: float) -> dict[str, float]:
     from aiortc.contrib.media import MediaBlackhole
     from aiortc.mediastreams import AudioStreamTrack
 
+    from edgeagent.call.ice import restrict_host_addresses
+
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -130,7 +136,9 @@ async def raw_call(media_s: float) -> dict[str, float]:
 
     pc.addTrack(AudioStreamTrack())  # silence back, Opus-encoded by aiortc
     await pc.setRemoteDescription(RTCSessionDescription(offer["sdp"], "offer"))
-    await pc.setLocalDescription(await pc.createAnswer())
+    answer = await pc.createAnswer()
+    restrict_host_addresses(pc, ["127.0.0.1"])  # loopback only, as the offer
+    await pc.setLocalDescription(answer)
     await hole.start()
     proc.stdin.write((json.dumps({"sdp": pc.localDescription.sdp}) + "\n").encode())
     await proc.stdin.drain()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import select
-import threading
+import subprocess
 import time
 from pathlib import Path
 
@@ -178,41 +176,34 @@ async def test_missing_audio_device_faults_and_recovers(
 class FifoSpeaker:
     """A playback "card" that can be unplugged mid-call: its file PCM writes to a FIFO.
 
-    A thread drains the FIFO as a sound card consumes samples. It holds the FIFO
-    open read-write, so the PCM's opens never wait for a reader (pyalsaaudio opens
-    holding the GIL) and its writes never see end-of-file. `unplug()` makes the
-    thread close it: with no reader left, the PCM's next writes fail with EPIPE,
+    A `cat` process drains the FIFO into a file, as a card consumes samples. It
+    holds the FIFO open read-write, so the PCM's opens never wait for a reader, and
+    it is a separate process: this one never holds a FIFO end, so a write that
+    blocks on a full pipe (pyalsaaudio keeps the GIL) cannot starve the drain.
+    `unplug()` kills it: with no reader left, the PCM's next writes fail with EPIPE,
     which alsa-lib's file plugin reports as an I/O error, as for a vanished USB card.
     """
 
     def __init__(self, path: Path) -> None:
         os.mkfifo(path)
         self.path = path
-        self.received = 0
-        self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
-        self._unplug = threading.Event()
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._drain, daemon=True)
-        self._thread.start()
+        self.sink = path.with_suffix(".received")
+        self._cat = subprocess.Popen(
+            ["sh", "-c", 'exec cat 0<>"$1" >"$2"', "sh", str(path), str(self.sink)]
+        )
 
-    def _drain(self) -> None:
-        try:
-            while not self._unplug.is_set():
-                ready, _, _ = select.select([self._fd], [], [], 0.05)
-                if ready:
-                    with contextlib.suppress(BlockingIOError):
-                        self.received += len(os.read(self._fd, 65536))
-        finally:
-            os.close(self._fd)
-            self._closed.set()
+    @property
+    def received(self) -> int:
+        return self.sink.stat().st_size if self.sink.exists() else 0
 
     def unplug(self) -> None:
-        self._unplug.set()
-        assert self._closed.wait(5)
+        self._cat.kill()
+        self._cat.wait(5)
 
 
 async def test_speaker_vanishing_mid_call_ends_the_call_faults_and_recovers(
     tmp_path: Path,
+    request: pytest.FixtureRequest,
     broker,
     monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
 ) -> None:
@@ -220,6 +211,7 @@ async def test_speaker_vanishing_mid_call_ends_the_call_faults_and_recovers(
     cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 30))
     cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa)
     speaker = FifoSpeaker(tmp_path / "spk_fifo")
+    request.addfinalizer(speaker.unplug)
     alsa.add_speaker("spk_dev-a", speaker.path)
 
     def touch_conf() -> None:  # alsa-lib rereads its config when the mtime (s) changes

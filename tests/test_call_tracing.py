@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 from schema_support import assert_valid, validator
 from tcp_relay import TcpRelay
 
+from edgeagent.call.ice import restrict_host_addresses
 from edgeagent.telemetry.payloads import Signal, encode
 from edgeagent.telemetry.tracing import decode_otlp_json
 
@@ -293,7 +294,9 @@ async def test_an_operator_tools_traceparent_property_is_continued(
     cfg_b = endpoint_config(tmp_path, broker.port, "dev-b", alsa)
     pc = RTCPeerConnection()
     pc.addTransceiver("audio")
-    await pc.setLocalDescription(await pc.createOffer())
+    offer_sdp = await pc.createOffer()
+    assert restrict_host_addresses(pc, ["127.0.0.1"]) == 1  # loopback only, never eth0
+    await pc.setLocalDescription(offer_sdp)
     # No traceparent field, as from a tool that sets only the MQTT 5 user property.
     offer = Signal(
         v=1,
