@@ -14,6 +14,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpCodecParameters
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpreceiver import RemoteStreamTrack, decoder_worker
+from track_support import PacedSignal
 
 from edgeagent.call.ice import ice_configuration, restrict_host_addresses
 from edgeagent.call.opus import MonoOpusEncoder, OpusSettings
@@ -100,31 +101,12 @@ async def test_a_bad_frame_is_counted_and_decoding_goes_on() -> None:
         await pc.close()
 
 
-class _Paced(MediaStreamTrack):
-    kind = "audio"
-
-    def __init__(self, signal: np.ndarray) -> None:
-        super().__init__()
-        self._signal, self._k = signal, 0
-
-    async def recv(self) -> av.AudioFrame:
-        await asyncio.sleep(0.005)
-        block = self._signal[self._k : self._k + 960]
-        if block.size < 960:
-            block = np.zeros(960, np.int16)
-        frame = av.AudioFrame.from_ndarray(block[None, :], "s16", "mono")
-        frame.sample_rate, frame.pts = RATE, self._k
-        frame.time_base = fractions.Fraction(1, RATE)
-        self._k += 960
-        return frame
-
-
 async def test_a_call_decodes_inline_and_the_track_still_ends_when_the_call_does() -> None:
     caller, callee = RTCPeerConnection(ice_configuration()), RTCPeerConnection(ice_configuration())
     got: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
     callee.on("track", lambda track: got.done() or got.set_result(track))
     try:
-        caller.addTrack(_Paced(_tone(3.0)))
+        caller.addTrack(PacedSignal(_tone(3.0)))
         assert restrict_host_addresses(caller, ["127.0.0.1"]) == 1
         await caller.setLocalDescription(await caller.createOffer())
         await callee.setRemoteDescription(caller.localDescription)
@@ -133,7 +115,7 @@ async def test_a_call_decodes_inline_and_the_track_still_ends_when_the_call_does
         assert len(install_receive_path(callee)) == 1
         queue_ = getattr(callee.getReceivers()[0], RECEIVER_DECODER_QUEUE_ATTR)
         assert isinstance(queue_, InlineDecodeQueue)
-        callee.addTrack(_Paced(_tone(3.0, 440)))
+        callee.addTrack(PacedSignal(_tone(3.0, 440)))
         await callee.setLocalDescription(await callee.createAnswer())
         await caller.setRemoteDescription(callee.localDescription)
         track = await asyncio.wait_for(got, 10)

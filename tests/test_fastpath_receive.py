@@ -16,6 +16,7 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpreceiver import RemoteStreamTrack
 from aiortc.rtp import compute_audio_level_dbov
+from track_support import PacedSignal
 
 from edgeagent.audio.frames import downmix, resample_linear
 from edgeagent.audio.playout import PlayoutBuffer, PlayoutSettings
@@ -175,23 +176,6 @@ async def test_inline_mono_decode_gives_the_stereo_paths_frames_in_mono() -> Non
         assert np.array_equal(frame_to_mono(a)[0], frame_to_mono(b)[0])
 
 
-class _Paced(MediaStreamTrack):
-    kind = "audio"
-
-    def __init__(self, signal: np.ndarray) -> None:
-        super().__init__()
-        self._signal, self._k = signal, 0
-
-    async def recv(self) -> av.AudioFrame:
-        await asyncio.sleep(0.005)
-        block = self._signal[self._k : self._k + 960]
-        if block.size < 960:
-            block = np.zeros(960, np.int16)
-        frame = _frame(block, "mono", self._k)
-        self._k += 960
-        return frame
-
-
 def _tone(seconds: float, hz: float) -> np.ndarray:
     t = np.arange(int(seconds * RATE)) / RATE
     return (np.sin(2 * np.pi * hz * t) * 8000).astype(np.int16)
@@ -211,7 +195,7 @@ async def test_a_connected_sink_gets_every_frame_without_the_track_queue() -> No
         ),
     )
     try:
-        caller.addTrack(_Paced(_tone(3.0, 1000)))
+        caller.addTrack(PacedSignal(_tone(3.0, 1000)))
         assert restrict_host_addresses(caller, ["127.0.0.1"]) == 1
         await caller.setLocalDescription(await caller.createOffer())
         await callee.setRemoteDescription(caller.localDescription)
@@ -223,7 +207,7 @@ async def test_a_connected_sink_gets_every_frame_without_the_track_queue() -> No
         inline = callee.getReceivers()[0]._RTCRtpReceiver__decoder_queue  # type: ignore[attr-defined]
         assert inline.deliver == sink.push
         run = asyncio.ensure_future(sink.run())
-        callee.addTrack(_Paced(_tone(3.0, 440)))
+        callee.addTrack(PacedSignal(_tone(3.0, 440)))
         await callee.setLocalDescription(await callee.createAnswer())
         await caller.setRemoteDescription(callee.localDescription)
         async with asyncio.timeout(20):
@@ -307,7 +291,7 @@ async def test_a_call_with_an_aiortc_far_end_sends_no_audio_level() -> None:
     callee.on("track", lambda track: got.done() or got.set_result(track))
     levels: list[Any] = []
     try:
-        sender = caller.addTrack(_Paced(_tone(3.0, 1000)))
+        sender = caller.addTrack(PacedSignal(_tone(3.0, 1000)))
         setattr(sender, SENDER_ENCODER_ATTR, MonoOpusEncoder(OpusSettings()))
         install_inline_encode(sender)
         assert send_audio_level(caller, False) == 1
