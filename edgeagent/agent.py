@@ -752,6 +752,10 @@ class Agent:
         await self._stopping.wait()
         self.seams.notify("STOPPING=1")
         reason = self.stop_reason or "stopped"
+        # Hang up while the link is still up, so the far end hears why (not a dead transport).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.5):
+                await self.calls_mgr.hangup("agent_stopping")
         final = (self.topics.status, p.encode(self._status("offline", self.link.session, reason)))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_TIMEOUT_S - 0.5):

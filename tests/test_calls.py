@@ -98,3 +98,24 @@ async def test_echo_peer_returns_the_callers_audio(
     played = active(read_raw(tmp_path / "spk_dev-a.raw"))
     assert played.size >= 48000, played.size
     assert abs(peak_hz(played) - 700) <= 10
+
+
+async def test_stopping_in_a_call_tells_the_far_end_before_going_offline(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 20))
+    cfg_b = endpoint_config(tmp_path, broker.port, "dev-b", alsa, mic=tone(1000, 20))
+    async with collector(broker.port, "edge/v1/#") as c, running(cfg_b) as b:
+        async with running(cfg_a) as a:
+            await a.calls_mgr.dial("dev-b")
+            await until(lambda: b.calls_mgr.active and b.calls_mgr.active.state == "active")
+        # dev-a stopped (SIGTERM's path) mid-call: dev-b heard a hangup, not a dead transport.
+        sb = await c.wait_for(lambda ms: summaries(ms, "dev-b"))
+        sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"))
+    assert sa[0]["end_reason"] == "agent_stopping" and sa[0]["result"] == "completed"
+    assert sb[0]["end_reason"] == "remote_hangup" and sb[0]["result"] == "completed"
+    offline = [m.json() for m in c.messages if m.topic == "edge/v1/dev-a/status"][-1]
+    assert offline["state"] == "offline"
