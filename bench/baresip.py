@@ -1,11 +1,13 @@
 """The performance reference: two baresip 1.0.0 instances calling each other on 127.0.0.1.
 
-Run alone: .venv/bin/python bench/baresip.py [--window-s 20]
+Run alone: .venv/bin/python bench/baresip.py [--window-s 20] [--signal speech|sine]
 Used by bench/perf.py, which measures it in the same run as the agent.
 
 Setup (see ../shared/testbed.md, "Reference peer for performance"): no registrar,
 `sip:<name>@127.0.0.1:<port>`, Opus mono 32 kbit/s, `aufile` as the source (a stereo
-WAV longer than the call) and `aubridge` as a null player. Never an ALSA file PCM as
+WAV longer than the call: by default the same speech the agent's bench microphone plays,
+bench/speech.py; `--signal sine` for the earlier tone sweep) and `aubridge` as a null
+player. Never an ALSA file PCM as
 the player: baresip busy-loops on it and fills the disk. The callee auto-answers and
 loads no UI module; the caller loads `menu` only to take the `/dial` command, with its
 once-per-100 ms status line switched off (`/statmode`) so it does not cost CPU.
@@ -25,6 +27,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import cpusplit
+import speech
 
 TICK = os.sysconf("SC_CLK_TCK")
 MODULES = Path("/usr/lib/baresip/modules")
@@ -63,8 +68,17 @@ def free_udp_tcp_port() -> int:
     raise RuntimeError("no free port")
 
 
-def source_wav(path: Path, seconds: float) -> Path:
-    """A stereo 48 kHz WAV: a tone with a slow tremolo, so Opus has something to code."""
+def source_wav(path: Path, seconds: float, signal: str = "speech") -> Path:
+    """A stereo 48 kHz WAV of `signal`.
+
+    "speech": the agent's bench microphone signal (bench/speech.py), the same audio
+    the agent codes in bench/perf.py. "sine": the earlier reference source, a tone
+    sweep with a slow tremolo, which libopus codes for about a third of the CPU.
+    """
+    if signal == "speech":
+        return speech.write_stereo_wav(path, speech.speech_signal(path.parent, seconds))
+    if signal != "sine":
+        raise ValueError(f"unknown signal {signal!r}")
     subprocess.run(
         [
             "sox",
@@ -149,9 +163,9 @@ def _rtp_ports() -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def baresip_pair(tmp: Path, call_s: float) -> Iterator[BaresipPair]:
+def baresip_pair(tmp: Path, call_s: float, signal: str = "speech") -> Iterator[BaresipPair]:
     """Two baresip processes in a call with each other for up to `call_s` seconds."""
-    wav = source_wav(tmp / "source.wav", call_s + 30)
+    wav = source_wav(tmp / "source.wav", call_s + 30, signal)
     caller_port, callee_port = free_udp_tcp_port(), free_udp_tcp_port()
     rtp_a, rtp_b = _rtp_ports()
     write_instance(tmp / "caller", "caller", caller_port, rtp_a, wav)
@@ -210,38 +224,69 @@ class BaresipResult:
     cpu_ms_per_call_s: tuple[float, float]  # caller, callee
     rss_mib: tuple[float, float]
     window_s: float
+    splits: tuple[cpusplit.Split, ...] = ()  # with `perf_dir`: caller, callee by library
 
     @property
     def per_endpoint_ms(self) -> float:
         return sum(self.cpu_ms_per_call_s) / 2
 
 
-def measure(window_s: float = 20.0, settle_s: float = 4.0) -> BaresipResult:
-    """CPU ms per call-second of each endpoint over `window_s`, after `settle_s` of media."""
+def measure(
+    window_s: float = 20.0,
+    settle_s: float = 4.0,
+    perf_dir: Path | None = None,
+    signal: str = "speech",
+) -> BaresipResult:
+    """CPU ms per call-second of each endpoint over `window_s`, after `settle_s` of media.
+
+    Both endpoints send `signal` (see `source_wav`).
+    With `perf_dir`, both endpoints are also sampled with Linux perf over the same
+    window and the result carries their CPU by library (bench/cpusplit.py).
+    """
     with tempfile.TemporaryDirectory(prefix="bench-baresip-") as d:
-        with baresip_pair(Path(d), settle_s + window_s + 10) as pair:
+        with baresip_pair(Path(d), settle_s + window_s + 10, signal) as pair:
             time.sleep(settle_s)  # media starts ~3 s after the 200 OK in 1.0.0's aufile
             pids = (pair.caller.pid, pair.callee.pid)
+            recs = (
+                [
+                    cpusplit.Recording(pid, perf_dir / f"baresip-{name}.data", f"baresip {name}")
+                    for pid, name in zip(pids, ("caller", "callee"), strict=True)
+                ]
+                if perf_dir is not None
+                else []
+            )
+            for rec in recs:
+                rec.enable()
             c0, w0 = [cpu_s(p) for p in pids], time.monotonic()
             time.sleep(window_s)
             c1, w1 = [cpu_s(p) for p in pids], time.monotonic()
+            for rec in recs:
+                rec.stop()
             rss = tuple(status_kib(p, "VmRSS") / 1024 for p in pids)
             if any(p.poll() is not None for p in (pair.caller, pair.callee)):
                 raise RuntimeError("baresip call ended during the window")
         wall = w1 - w0
         per = tuple((b - a) * 1000 / wall for a, b in zip(c0, c1, strict=True))
-        return BaresipResult((per[0], per[1]), (rss[0], rss[1]), wall)
+        splits = tuple(rec.split(wall) for rec in recs)
+        return BaresipResult((per[0], per[1]), (rss[0], rss[1]), wall, splits)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--window-s", type=float, default=20.0)
+    parser.add_argument(
+        "--signal",
+        choices=("speech", "sine"),
+        default="speech",
+        help="what both endpoints send (default: the agent bench's speech)",
+    )
     args = parser.parse_args()
     if not available():
         raise SystemExit("baresip-core is not installed")
-    r = measure(args.window_s)
+    r = measure(args.window_s, signal=args.signal)
     print(
-        f"baresip 1.0.0, {r.window_s:.1f} s window: caller {r.cpu_ms_per_call_s[0]:.1f}, "
+        f"baresip 1.0.0 ({args.signal}), {r.window_s:.1f} s window: "
+        f"caller {r.cpu_ms_per_call_s[0]:.1f}, "
         f"callee {r.cpu_ms_per_call_s[1]:.1f} ms CPU per call-second "
         f"(per endpoint {r.per_endpoint_ms:.1f}); RSS {r.rss_mib[0]:.1f} / {r.rss_mib[1]:.1f} MiB"
     )

@@ -46,7 +46,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -67,6 +66,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import baresip  # noqa: E402
+import cpusplit  # noqa: E402
+import speech  # noqa: E402
 from agent_support import agent_config  # noqa: E402
 from conftest import free_port, wait_port, write_mosquitto_conf  # noqa: E402
 
@@ -97,43 +98,12 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def mic_signal(tmp: Path, seconds: float) -> np.ndarray:
-    """Speech (espeak-ng) with pauses, repeated to `seconds`; noise bursts without espeak."""
-    speech: np.ndarray
-    if shutil.which("espeak-ng") and shutil.which("sox"):
-        wav, raw = tmp / "speech.wav", tmp / "speech.raw"
-        text = "This is the edge agent performance bench. One, two, three, four, five."
-        subprocess.run(["espeak-ng", "-w", str(wav), text], check=True, capture_output=True)
-        subprocess.run(
-            [
-                "sox",
-                str(wav),
-                "-r",
-                "48000",
-                "-c",
-                "1",
-                "-b",
-                "16",
-                "-e",
-                "signed-integer",
-                str(raw),
-            ],
-            check=True,
-            capture_output=True,
-        )
-        speech = np.frombuffer(raw.read_bytes(), dtype="<i2").astype(np.int16)
-    else:
-        rng = np.random.default_rng(1)
-        speech = np.clip(rng.normal(0, 3000, RATE * 2), -32768, 32767).astype(np.int16)
-    unit = np.concatenate([speech, np.zeros(RATE, dtype=np.int16)])
-    reps = int(np.ceil(seconds * RATE / unit.size))
-    return np.tile(unit, reps)[: int(seconds * RATE)]
-
-
 def write_asoundrc(tmp: Path, mic_seconds: float) -> Path:
     mic = tmp / "mic.raw"
     # Zeros after the speech: past its end a file PCM is not to be trusted.
-    samples = np.concatenate([mic_signal(tmp, mic_seconds), np.zeros(RATE * 60, dtype=np.int16)])
+    samples = np.concatenate(
+        [speech.speech_signal(tmp, mic_seconds), np.zeros(RATE * 60, dtype=np.int16)]
+    )
     mic.write_bytes(samples.astype("<i2").tobytes())
     conf = tmp / "asoundrc"
     conf.write_text(
@@ -450,16 +420,28 @@ class InCall:
     mem: dict[str, float]
     fds: int
     threads: str = ""
+    split: cpusplit.Split | None = None  # with --perf: the same window by library
 
 
-async def measure_in_call(op: Operator, agent: Child, window_s: float, settle_s: float) -> InCall:
+async def measure_in_call(
+    op: Operator, agent: Child, window_s: float, settle_s: float, perf_dir: Path | None = None
+) -> InCall:
     times = await place_call(op)
     await op.wait_for(op.event("call.media_started", times.call_id), 0, 15)
     await asyncio.sleep(settle_s)
+    rec = (
+        cpusplit.Recording(agent.pid, perf_dir / "agent.data", "agent")
+        if perf_dir is not None
+        else None
+    )
+    if rec is not None:
+        rec.enable()
     t0, us0 = thread_cpu_s(agent.pid), user_sys_s(agent.pid)
     c0, w0 = cpu_s(agent.pid), time.monotonic()
     await asyncio.sleep(window_s)
     c1, w1 = cpu_s(agent.pid), time.monotonic()
+    if rec is not None:
+        rec.stop()
     t1, us1 = thread_cpu_s(agent.pid), user_sys_s(agent.pid)
     mem = memory_mib(agent.pid)
     fds = open_fds(agent.pid)
@@ -468,7 +450,8 @@ async def measure_in_call(op: Operator, agent: Child, window_s: float, settle_s:
     await end_call(op, times.call_id)
     user, kernel = ((b - a) * 1000 / (w1 - w0) for a, b in zip(us0, us1, strict=True))
     split = f"user {user:.1f}, kernel {kernel:.1f}; " + thread_split(t0, t1, w1 - w0)
-    return InCall((c1 - c0) * 1000 / (w1 - w0), w1 - w0, mem, fds, split)
+    by_lib = rec.split(w1 - w0) if rec is not None else None
+    return InCall((c1 - c0) * 1000 / (w1 - w0), w1 - w0, mem, fds, split, by_lib)
 
 
 async def measure_setup(op: Operator, n: int) -> list[CallTimes]:
@@ -604,6 +587,7 @@ async def run_agent_phase(
     gil: bool = False,
     agent_root: Path = ROOT,
     spy_rate: int = 100,
+    perf_dir: Path | None = None,
 ) -> AgentRun:
     d = tmp / label
     d.mkdir()
@@ -628,7 +612,7 @@ async def run_agent_phase(
                 warm = await place_call(op)
                 await end_call(op, warm.call_id)
                 if window_s is not None:
-                    result.in_call = await measure_in_call(op, agent, window_s, settle_s)
+                    result.in_call = await measure_in_call(op, agent, window_s, settle_s, perf_dir)
                 result.setup = await measure_setup(op, setup_calls)
                 if phases:
                     result.phases = await collect_phases(op, result.setup)
@@ -824,12 +808,17 @@ async def main_async(args: argparse.Namespace) -> None:
     settle_s = 3.0
     with tempfile.TemporaryDirectory(prefix="bench-perf-") as d, mosquitto(Path(d)) as port:
         tmp = Path(d)
+        perf_dir = tmp if args.perf else None
         conf = write_asoundrc(tmp, settle_s + args.window_s + 30)
         env = {"ALSA_CONFIG_PATH": str(conf)}
-        ref = None
+        ref = ref_sine = None
         if baresip.available():
             print(f"baresip reference: {args.window_s:.0f} s window ...", flush=True)
-            ref = baresip.measure(args.window_s, settle_s=4.0)
+            ref = baresip.measure(args.window_s, settle_s=4.0, perf_dir=perf_dir)
+            print(
+                f"baresip on the earlier tone sweep: {args.window_s:.0f} s window ...", flush=True
+            )
+            ref_sine = baresip.measure(args.window_s, settle_s=4.0, signal="sine")
         else:
             print("baresip-core is not installed: no reference", file=sys.stderr)
         print(f"agent in a call with the echo peer: {args.window_s:.0f} s window ...", flush=True)
@@ -844,6 +833,7 @@ async def main_async(args: argparse.Namespace) -> None:
             window_s=args.window_s,
             settle_s=settle_s,
             phases=args.phases,
+            perf_dir=perf_dir,
         )
         variants: dict[str, InCall] = {}
         if args.baseline_tree is not None:
@@ -947,7 +937,15 @@ async def main_async(args: argparse.Namespace) -> None:
             f"{ref.per_endpoint_ms:.1f}",
             "",
             f"caller {ref.cpu_ms_per_call_s[0]:.1f}, callee {ref.cpu_ms_per_call_s[1]:.1f}; "
-            f"RSS {ref.rss_mib[0]:.1f} MiB",
+            f"RSS {ref.rss_mib[0]:.1f} MiB; sending the agent's bench speech",
+        )
+    if ref_sine is not None:
+        row(
+            "  baresip on a tone sweep (earlier reference)",
+            f"{ref_sine.per_endpoint_ms:.1f}",
+            "",
+            f"ratio on it {ic.cpu_ms_per_s / ref_sine.per_endpoint_ms:.2f}; "
+            "libopus codes a tone for about a third of speech's CPU",
         )
     row("  agent (ms CPU per call-second)", f"{ic.cpu_ms_per_s:.1f}", "", "agent process only")
     row("    per thread (ms CPU per s)", "", "", ic.threads)
@@ -992,6 +990,10 @@ async def main_async(args: argparse.Namespace) -> None:
         "<= 0.5",
         f"bench/agent.py; idle RSS {fmt(subs.idle_rss)} MiB",
     )
+    if args.perf:
+        print()
+        splits = ([ic.split] if ic.split is not None else []) + list(ref.splits if ref else ())
+        cpusplit.print_splits(splits)
     if plain.phases is not None:
         plain.phases.print("loopback")
     if dead.phases is not None:
@@ -1054,12 +1056,20 @@ def main() -> None:
         help="also print where set-up time goes (the agent's call spans, the echo peer's answer)",
     )
     parser.add_argument(
+        "--perf",
+        action="store_true",
+        help="also split the agent's and both baresip endpoints' CPU windows by library "
+        "(Linux perf; bench/cpusplit.py)",
+    )
+    parser.add_argument(
         "--py-spy",
         type=Path,
         metavar="DIR",
         help="also profile a call and 10 setups with py-spy (extra phase, not in the table)",
     )
     args = parser.parse_args()
+    if args.perf and not cpusplit.available():
+        parser.error("--perf needs Linux perf and permission to sample other processes")
     if args.py_spy is not None:
         args.py_spy.mkdir(parents=True, exist_ok=True)
     if args.window_s is None:
