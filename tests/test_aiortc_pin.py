@@ -179,7 +179,7 @@ async def test_aiortc_keeps_our_munged_fmtp_in_the_local_description() -> None:
         await pc.close()
 
 
-def test_pyav_cannot_run_opus_plc_so_we_conceal_ourselves() -> None:
+def test_pyav_cannot_run_opus_plc_so_we_call_libopus_directly() -> None:
     import av
 
     dec = av.CodecContext.create("libopus", "r")

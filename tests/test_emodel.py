@@ -20,6 +20,7 @@ from edgeagent.quality.emodel import (
     mos_from_r,
     one_way_delay_ms,
     opus_ie,
+    own_loss_handling,
     r_factor,
     receiver_loss_handling,
 )
@@ -105,10 +106,16 @@ def test_opus_ie_falls_with_complexity_and_clamps_below_the_measured_range() -> 
 
 
 def test_far_end_concealment_by_who_decodes() -> None:
-    assert receiver_loss_handling(ours=True, fec_sent=False) is LossHandling.FADE
-    assert receiver_loss_handling(ours=True, fec_sent=True) is LossHandling.FADE
+    # Our agents conceal with libopus PLC (PlcDecoder); we send them no FEC.
+    assert receiver_loss_handling(ours=True, fec_sent=False) is LossHandling.OPUS_PLC
+    assert receiver_loss_handling(ours=True, fec_sent=True) is LossHandling.OPUS_PLC
     assert receiver_loss_handling(ours=False, fec_sent=False) is LossHandling.OPUS_PLC
     assert receiver_loss_handling(ours=False, fec_sent=True) is LossHandling.OPUS_PLC_FEC
+
+
+def test_our_receive_path_is_plc_with_libopus_and_fades_without() -> None:
+    assert own_loss_handling(True) is LossHandling.OPUS_PLC
+    assert own_loss_handling(False) is LossHandling.FADE
 
 
 def test_a_clean_call_with_our_defaults_is_good_and_was_not_with_the_old_encoder() -> None:

@@ -138,3 +138,30 @@ def test_a_corrupt_packet_raises_and_the_decoder_goes_on() -> None:
 def test_decoded_audio_is_plain_data() -> None:
     a = DecodedAudio(np.zeros(960, dtype=np.int16), 1234, "plc")
     assert (a.timestamp, a.kind, a.samples.dtype) == (1234, "plc", np.int16)
+
+
+def test_without_fec_expected_every_lost_frame_is_plc() -> None:
+    packets = _packets(_voice(), fec=True)
+    dec = PlcDecoder(fec=False)  # e.g. an aiortc far end, which never sends FEC
+    out = [a for i, p in enumerate(packets) if i not in (54, 55) for a in dec.decode(p)]
+    kinds = {a.timestamp: a.kind for a in out}
+    assert [kinds[packets[i].timestamp] for i in (54, 55)] == ["plc", "plc"]
+    assert dec.plc_frames == 2 and dec.fec_frames == 0
+
+
+def test_the_sink_plays_decoded_audio_at_its_timestamp() -> None:
+    from aiortc.mediastreams import AudioStreamTrack
+
+    from edgeagent.audio.playout import PlayoutBuffer
+    from edgeagent.call.tracks import RemoteAudioSink
+    from edgeagent.clock import SystemClock
+
+    sink = RemoteAudioSink(AudioStreamTrack(), PlayoutBuffer(), clock=SystemClock())
+    tone = (np.sin(np.arange(960) * 2 * np.pi * 440 / 48000) * 8000).astype(np.int16)
+    for i in range(6):
+        sink.accept(DecodedAudio(tone, i * 960, "plc" if i == 3 else "packet"))
+    assert sink.frames_received == 6
+    st = sink.playout.stats()
+    assert st.concealed_frames == 0  # the decoder concealed; the buffer had no gap
+    with pytest.raises(TypeError):
+        sink.accept(b"not audio")

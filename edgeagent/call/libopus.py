@@ -93,9 +93,13 @@ class PlcDecoder:
     `decode` takes what aiortc's jitter buffer hands a decoder (`.data`, `.timestamp`)
     and returns the `DecodedAudio` to play, in timestamp order: concealed frames for
     any gap first, then the packet's own samples. Not thread-safe; one per stream.
+
+    `fec_frames` counts frames decoded with libopus's FEC flag: recovered from the
+    next packet's LBRR when it carried one (libopus 1.3 cannot say whether it did),
+    PLC otherwise. With `fec=False` every lost frame is PLC.
     """
 
-    def __init__(self, max_gap_ms: float = 100.0) -> None:
+    def __init__(self, max_gap_ms: float = 100.0, *, fec: bool = True) -> None:
         lib = load()
         if lib is None:
             raise RuntimeError("libopus is not installed")
@@ -108,6 +112,9 @@ class PlcDecoder:
         self._pcm = np.zeros(_MAX_FRAME, dtype=np.int16)
         self._pcm_ptr = self._pcm.ctypes.data
         self.max_gap = int(max_gap_ms * SAMPLE_RATE / 1000)
+        # Decode the last lost frame from the next packet's FEC; off for a sender known
+        # to send none (libopus would run PLC anyway, but the count would mislead).
+        self.fec = fec
         self._expected: int | None = None  # RTP timestamp the next packet should have
         self.packets = 0
         self.plc_frames = 0
@@ -136,7 +143,8 @@ class PlcDecoder:
     def _conceal(self, start: int, gap: int, packet: bytes, duration: int) -> list[DecodedAudio]:
         """PLC for `gap` samples from `start`; the last `duration` of them from FEC."""
         out: list[DecodedAudio] = []
-        plc = gap - duration if gap >= duration else gap
+        use_fec = self.fec and gap >= duration
+        plc = gap - duration if use_fec else gap
         ts = start
         while plc > 0:
             # PLC sizes are multiples of 2.5 ms; one 20 ms frame at a time.
@@ -145,7 +153,7 @@ class PlcDecoder:
             self.plc_frames += 1
             ts = (ts + size) & 0xFFFFFFFF
             plc -= size
-        if gap >= duration:
+        if use_fec:
             # Decodes the packet's LBRR copy of the frame before it; PLC if it has none.
             out.append(DecodedAudio(self._run(packet, duration, True), ts, "fec"))
             self.fec_frames += 1

@@ -559,8 +559,11 @@ class CallManager:
         playout = None
         if session is not None:
             st = session.playout.stats()
+            plc, fec = session.decoder_concealment()
             playout = {
-                "concealed_frames": st.concealed_frames,
+                "concealed_frames": st.concealed_frames + plc + fec,
+                "plc_frames": plc,
+                "fec_frames": fec,
                 "underruns": st.underruns,
                 "overruns": st.overruns,
                 "max_depth_ms": round(st.max_depth_ms, 1),

@@ -43,6 +43,7 @@ from edgeagent.call.tracks import (
     RemoteAudioSink,
     connect_sink,
     install_receive_path,
+    receive_decoders,
 )
 from edgeagent.clock import Clock
 from edgeagent.config import Config
@@ -360,14 +361,17 @@ class CallSession:
         return str(self.pc.localDescription.sdp)
 
     def _after_remote(self, remote_sdp: str) -> None:
-        # The sink downmixes to mono anyway: decode Opus to mono (docs/profile.md).
-        self._receive_buffers = install_receive_path(self.pc, mono_opus=True)
+        # Who decodes what we send: another agent (no FEC; Opus PLC) or a
+        # browser/SIP phone (libopus PLC, FEC when it asked for it).
+        self.far_end_ours = far_end_is_aiortc(remote_sdp)
+        # The sink downmixes to mono anyway: decode Opus to mono (docs/profile.md),
+        # with PLC; FEC from a far end that may send it (an aiortc one never does).
+        self._receive_buffers = install_receive_path(
+            self.pc, mono_opus=True, opus_fec=not self.far_end_ours
+        )
         if self.sink is not None:
             connect_sink(self.pc, self.sink)
         install_opus_encoder(self.pc, self.opus)
-        # Who decodes what we send: another agent (no FEC, fade concealment) or a
-        # browser/SIP phone (libopus PLC, FEC when it asked for it).
-        self.far_end_ours = far_end_is_aiortc(remote_sdp)
         # aiortc's receiver never reads the RTP audio level: skip it for our agents.
         send_audio_level(self.pc, not self.far_end_ours)
         self.fec_to_far_end = self.opus.fec and far_end_decodes_fec(remote_sdp)
@@ -446,9 +450,11 @@ class CallSession:
         ie = emodel.opus_ie(self.opus.bitrate_bps / 1000.0, self.opus.complexity)
         delay = emodel.one_way_delay_ms(win.rtt_ms or 0.0, depth)
         mos = r = remote_mos = None
+        plc, fec = self.decoder_concealment()
         if win.loss_pct is not None:
-            # Our own receive path: no decoder PLC or FEC, the playout buffer's fade.
-            bpl = emodel.BPL[emodel.LossHandling.FADE]
+            # Our own receive path: libopus PLC (FEC when the far end sends it, which
+            # we cannot see, so not counted on), or the playout buffer's fade.
+            bpl = emodel.BPL[emodel.own_loss_handling(self.decodes_with_plc())]
             r = emodel.r_factor(delay, win.loss_pct, ie=ie, bpl=bpl)
             mos = emodel.mos_from_r(r)
         if win.remote_loss_pct is not None:
@@ -467,12 +473,28 @@ class CallSession:
             underruns=pstats.underruns + (self.playback.underruns if self.playback else 0),
             overruns=pstats.overruns + self.capture.overruns,
         )
-        audio["concealed_frames"] = pstats.concealed_frames
+        # Concealed: played but not decoded from a packet that arrived for it.
+        audio["concealed_frames"] = pstats.concealed_frames + plc + fec
+        audio["plc_frames"] = plc
+        audio["fec_frames"] = fec
         sample = QualitySample(mos, r, win, depth, audio, remote_mos)
         self.record.samples.append(sample)
         self._on_quality(sample)
         self._report_health()
         return cur
+
+    def decoder_concealment(self) -> tuple[int, int]:
+        """Frames the Opus decoder concealed so far: (PLC, recovered from FEC)."""
+        plc = fec = 0
+        for inline in receive_decoders(self.pc):
+            if inline.plc is not None:
+                plc += inline.plc.plc_frames
+                fec += inline.plc.fec_frames
+        return plc, fec
+
+    def decodes_with_plc(self) -> bool:
+        """Whether lost packets are concealed by libopus (True) or faded by the playout buffer."""
+        return any(inline.plc is not None for inline in receive_decoders(self.pc))
 
     def _follow_remote_loss(self, remote_loss_pct: float | None) -> bool:
         """Set the encoders' loss hint from the far end's reported loss; True if FEC is sent.

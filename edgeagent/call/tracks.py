@@ -7,9 +7,12 @@ Receive path: aiortc's audio `JitterBuffer` (16 slots, prefetch 4) stalls
 (dropping only duplicates and packets older than one already passed on, so
 timestamps stay monotonic). `RemoteAudioSink` then puts decoded frames into
 our `PlayoutBuffer` by RTP timestamp, which does reordering, timing, drift
-correction and concealment. Opus PLC/FEC at the decoder is not reachable:
-PyAV treats an empty packet as end-of-stream, so concealment is the playout
-buffer's fade.
+correction. Lost packets are concealed at the decoder: with `mono_opus` Opus
+goes through libopus directly (`edgeagent/call/libopus.py`, `PlcDecoder`),
+which fills gaps of up to 100 ms with PLC and recovers the last lost frame
+from the next packet's in-band FEC; PyAV cannot (it takes an empty packet for
+end-of-stream). Longer gaps, and calls on a machine without libopus0 (decoded
+through PyAV), are covered by the playout buffer's fade.
 
 Decoding runs inline on the event loop (`InlineDecodeQueue`): aiortc hands
 every received frame to a decoder thread through a `queue.Queue` and back
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import functools
 import logging
 import threading
 import weakref
@@ -41,6 +45,8 @@ from aiortc.mediastreams import MediaStreamError
 
 from edgeagent.audio.frames import SAMPLE_RATE, Samples, downmix, resample_linear
 from edgeagent.audio.playout import PlayoutBuffer
+from edgeagent.call import libopus
+from edgeagent.call.libopus import DecodedAudio, OpusDecodeError, PlcDecoder
 from edgeagent.call.opus import MonoOpusDecoder
 from edgeagent.clock import Clock
 from edgeagent.hw.alsa import AudioDeviceError, CapturedFrame
@@ -169,6 +175,11 @@ class RemoteAudioSink:
 
     def accept(self, frame: Any) -> None:
         """One decoded frame into the playout buffer."""
+        if isinstance(frame, DecodedAudio):  # libopus: already mono 48 kHz, ours to keep
+            self.playout.push(frame.samples, frame.timestamp)
+            self.frames_received += 1
+            self.last_frame_at = self._clock.monotonic()
+            return
         if not isinstance(frame, av.AudioFrame):
             raise TypeError(f"remote audio track gave {type(frame).__name__}")
         samples, ts = frame_to_mono(frame)
@@ -280,9 +291,12 @@ class InlineDecodeQueue:
     frames go straight into the remote track's asyncio queue.
     """
 
-    def __init__(self, receiver: RTCRtpReceiver, *, mono_opus: bool = False) -> None:
+    def __init__(
+        self, receiver: RTCRtpReceiver, *, mono_opus: bool = False, opus_fec: bool = True
+    ) -> None:
         self._receiver = weakref.ref(receiver)
         self.mono_opus = mono_opus
+        self.opus_fec = opus_fec  # PlcDecoder: recover from the far end's in-band FEC
         # Where decoded frames go instead of the remote track's queue (`connect_sink`).
         self.deliver: Callable[[Any], None] | None = None
         self._output: asyncio.Queue[Any] | None = None  # the remote track's, once it exists
@@ -301,14 +315,11 @@ class InlineDecodeQueue:
             return
         codec, encoded_frame = task
         if codec.name != self._codec_name:
-            if self.mono_opus and codec.name.lower() == "opus":
-                self._decoder = MonoOpusDecoder()
-            else:
-                self._decoder = get_decoder(codec)
+            self._decoder = self._new_decoder(codec)
             self._codec_name = codec.name
         try:
             frames = self._decoder.decode(encoded_frame)
-        except av.FFmpegError as exc:
+        except (av.FFmpegError, OpusDecodeError) as exc:
             # Keep the decoder state, as aiortc does; count and go on.
             self.errors += 1
             log = logger.warning if self.errors == 1 else logger.debug  # warn once
@@ -335,8 +346,31 @@ class InlineDecodeQueue:
         """The decoder thread's only task: wait for the stop, then end the track."""
         self._stopped.wait()
 
+    def _new_decoder(self, codec: Any) -> Any:
+        if not (self.mono_opus and codec.name.lower() == "opus"):
+            return get_decoder(codec)
+        if libopus.load() is not None:
+            return PlcDecoder(fec=self.opus_fec)
+        _warn_no_libopus()
+        return MonoOpusDecoder()
 
-def inline_decode(receiver: RTCRtpReceiver, *, mono_opus: bool = False) -> InlineDecodeQueue | None:
+    @property
+    def plc(self) -> PlcDecoder | None:
+        """The Opus PLC decoder in use (its counters), or None."""
+        return self._decoder if isinstance(self._decoder, PlcDecoder) else None
+
+
+@functools.cache
+def _warn_no_libopus() -> None:
+    logger.warning(
+        "remote audio: libopus0 is not installed; lost packets are faded, "
+        "not concealed by Opus PLC or recovered from FEC"
+    )
+
+
+def inline_decode(
+    receiver: RTCRtpReceiver, *, mono_opus: bool = False, opus_fec: bool = True
+) -> InlineDecodeQueue | None:
     """Make an audio receiver decode on the loop (idempotent); None once its thread runs."""
     current = getattr(receiver, RECEIVER_DECODER_QUEUE_ATTR, None)
     if current is None or not hasattr(receiver, RECEIVER_DECODER_THREAD_ATTR):
@@ -345,16 +379,18 @@ def inline_decode(receiver: RTCRtpReceiver, *, mono_opus: bool = False) -> Inlin
         return current
     if getattr(receiver, RECEIVER_DECODER_THREAD_ATTR) is not None:
         return None  # already receiving through aiortc's thread: leave it
-    inline = InlineDecodeQueue(receiver, mono_opus=mono_opus)
+    inline = InlineDecodeQueue(receiver, mono_opus=mono_opus, opus_fec=opus_fec)
     setattr(receiver, RECEIVER_DECODER_QUEUE_ATTR, inline)
     return inline
 
 
 def install_receive_path(
-    pc: RTCPeerConnection, *, mono_opus: bool = False
+    pc: RTCPeerConnection, *, mono_opus: bool = False, opus_fec: bool = True
 ) -> list[ArrivalOrderBuffer]:
     """Bypass the jitter buffer of every audio receiver of `pc` and decode inline
-    (Opus to mono with `mono_opus`: for a consumer that downmixes anyway).
+    (Opus to mono with `mono_opus`, through libopus with PLC where it is installed:
+    for a consumer that downmixes anyway; `opus_fec` False for a far end that sends
+    no in-band FEC).
 
     Call after `setRemoteDescription` (the answerer's transceivers are created
     there) and before media flows; calling again is harmless.
@@ -363,8 +399,18 @@ def install_receive_path(
     for t in pc.getTransceivers():
         if t.kind == "audio":
             buffers.append(bypass_jitter_buffer(t.receiver))
-            inline_decode(t.receiver, mono_opus=mono_opus)
+            inline_decode(t.receiver, mono_opus=mono_opus, opus_fec=opus_fec)
     return buffers
+
+
+def receive_decoders(pc: RTCPeerConnection) -> list[InlineDecodeQueue]:
+    """The inline decoders of `pc`'s audio receivers (after `install_receive_path`)."""
+    found = []
+    for t in pc.getTransceivers():
+        inline = getattr(t.receiver, RECEIVER_DECODER_QUEUE_ATTR, None)
+        if t.kind == "audio" and isinstance(inline, InlineDecodeQueue):
+            found.append(inline)
+    return found
 
 
 def connect_sink(pc: RTCPeerConnection, sink: RemoteAudioSink) -> bool:

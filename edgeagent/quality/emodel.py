@@ -108,14 +108,20 @@ def opus_ie(bitrate_kbps: float, complexity: int = 10) -> float:
 
 
 def receiver_loss_handling(*, ours: bool, fec_sent: bool) -> LossHandling:
-    """How the far end conceals our lost packets: one of our agents fades; libopus uses PLC.
+    """How the far end conceals our lost packets: libopus PLC, with FEC when it uses it.
 
-    A far end that is not ours (a browser, a SIP phone) is assumed to run
-    libopus with PLC, and to use in-band FEC when we send it.
+    One of our agents runs libopus PLC too (`PlcDecoder`); we send it no FEC
+    (an aiortc far end may be a stock one, which would ignore it), so `fec_sent`
+    is False for it. A browser or SIP phone is assumed to use FEC when we send it.
     """
     if ours:
-        return LossHandling.FADE
+        return LossHandling.OPUS_PLC
     return LossHandling.OPUS_PLC_FEC if fec_sent else LossHandling.OPUS_PLC
+
+
+def own_loss_handling(plc: bool) -> LossHandling:
+    """How our own receive path conceals: libopus PLC, or the playout buffer's fade without it."""
+    return LossHandling.OPUS_PLC if plc else LossHandling.FADE
 
 
 def one_way_delay_ms(

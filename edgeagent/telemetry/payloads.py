@@ -123,6 +123,8 @@ class AudioQuality(msgspec.Struct, kw_only=True, omit_defaults=True):
     echo_delay_ms: float | None = None
     erle_db: float | None = None
     concealed_frames: int | None = None
+    plc_frames: int | None = None  # of concealed: synthesised by libopus PLC
+    fec_frames: int | None = None  # of concealed: recovered from in-band FEC
     tx_speech_level_dbfs: float | None = None
     rx_clipping_pct: float | None = None
     issues: list[str] | None = None
