@@ -19,13 +19,15 @@ direction; one message per `call.stats_interval_s` = 1 s); the summary's
 `mos_avg` is the same figure. `a.remote_mos` is dev-a's estimate of that
 direction from RTCP receiver reports, printed for comparison. The session
 publishes the E-model with Ie of our Opus encoder (`emodel.opus_ie` at the
-configured bitrate and complexity) and Bpl of our fade concealment
-(`emodel.BPL_FADE`); the target is judged on that published MOS. `recomputed`
+configured bitrate and complexity) and Bpl of our receive path's concealment
+(libopus PLC, `emodel.BPL_OPUS_PLC`; the fade's `BPL_FADE` without libopus0);
+the target is judged on that published MOS. `recomputed`
 is the same model applied here to the published per-window figures (loss,
 RTT, playout depth), a check that the session does what the bench expects.
 
 `--cost` prints the encoder's CPU per frame at complexity 5 and 10; `--derive`
-repeats the offline Ie/Bpl fits (edgeagent/quality/emodel.py) without a call.
+repeats the offline Ie/Bpl fits (edgeagent/quality/emodel.py) without a call: the
+fade's and libopus PLC's (`PlcDecoder`), on the same packets and seeded drops.
 
 Which PESQ. Narrowband P.862 + P.862.1 mapping at 8 kHz is the headline: our
 E-model is G.107 with its default (narrowband, handset) parameters, whose
@@ -210,7 +212,7 @@ def proposed_mos(q: dict[str, Any], bitrate_kbps: float = 32.0) -> float | None:
     """MOS of one quality message recomputed with the receiver model the session uses.
 
     Same inputs the session uses (window loss, smoothed RTT, playout depth at the
-    sample), with Ie of our Opus encoder (defaults) and Bpl of our fade concealment.
+    sample), with Ie of our Opus encoder (defaults) and Bpl of our receive path (PLC).
     """
     if q.get("loss_pct") is None:
         return None
@@ -219,7 +221,7 @@ def proposed_mos(q: dict[str, Any], bitrate_kbps: float = 32.0) -> float | None:
         delay,
         q["loss_pct"],
         ie=emodel.opus_ie(bitrate_kbps),
-        bpl=emodel.BPL[emodel.LossHandling.FADE],
+        bpl=emodel.BPL[emodel.own_loss_handling(True)],
     )
     return emodel.mos_from_r(r)
 
@@ -256,16 +258,22 @@ def derive(signal: np.ndarray, seeds: tuple[int, ...] = (101, 202, 303)) -> None
     rest with libopus (as aiortc does) into our `PlayoutBuffer` (its fade is
     the concealment), and solves the E-model for Ie (0 % loss) and Bpl.
     """
+    import dataclasses
     import fractions
     import random
 
     import av
 
     from edgeagent.audio.playout import PlayoutBuffer
+    from edgeagent.call.libopus import PlcDecoder
     from edgeagent.call.opus import MonoOpusEncoder, OpusSettings
     from edgeagent.call.tracks import frame_to_mono
 
     tb = fractions.Fraction(1, RATE)
+    # Playout runs this many packets behind arrival: the playout buffer's 60 ms target,
+    # the time the decoder has to learn of a loss (from the next packet) before the
+    # lost frame is due. Pulled in step with arrival, PLC frames would come too late.
+    LAG = 3
 
     def encode(settings: OpusSettings) -> list[tuple[bytes, int]]:
         enc, packets = MonoOpusEncoder(settings), []
@@ -281,7 +289,7 @@ def derive(signal: np.ndarray, seeds: tuple[int, ...] = (101, 202, 303)) -> None
         dec = av.CodecContext.create("libopus", "r")
         dec.sample_rate, dec.layout, dec.format = RATE, "stereo", "s16"  # type: ignore[attr-defined]
         playout, out, lost = PlayoutBuffer(), [], 0
-        for data, ts in packets:
+        for i, (data, ts) in enumerate(packets):
             if rng.random() >= loss:
                 pkt = av.Packet(data)
                 pkt.pts, pkt.time_base = ts, tb
@@ -289,9 +297,29 @@ def derive(signal: np.ndarray, seeds: tuple[int, ...] = (101, 202, 303)) -> None
                     playout.push(*frame_to_mono(frame))
             else:
                 lost += 1
-            out.append(playout.pull())
-        out += [playout.pull() for _ in range(5)]
+            if i >= LAG:
+                out.append(playout.pull())
+        out += [playout.pull() for _ in range(LAG + 5)]
         return score(np.concatenate(out), signal)[0], 100.0 * lost / len(packets)
+
+    def receive_plc(packets: list[tuple[bytes, int]], loss: float, seed: int) -> float:
+        """As `receive`, through the agent's decoder: libopus PLC (no FEC between agents)."""
+        rng = random.Random(seed)
+        dec, playout, out = PlcDecoder(fec=False), PlayoutBuffer(), []
+
+        @dataclasses.dataclass
+        class Encoded:
+            data: bytes
+            timestamp: int
+
+        for i, (data, ts) in enumerate(packets):
+            if rng.random() >= loss:
+                for audio in dec.decode(Encoded(data, ts)):
+                    playout.push(audio.samples, audio.timestamp)
+            if i >= LAG:
+                out.append(playout.pull())
+        out += [playout.pull() for _ in range(LAG + 5)]
+        return score(np.concatenate(out), signal)[0]
 
     nb, _ = receive(encode(OpusSettings(complexity=5, expected_loss_percent=10)), 0.0, 0)
     print(f"derive: old settings (32 kbit/s, complexity 5, fixed 10 % hint): PESQ NB {nb:.2f}")
@@ -313,6 +341,14 @@ def derive(signal: np.ndarray, seeds: tuple[int, ...] = (101, 202, 303)) -> None
             fits.append(bpl := solve_bpl(93.2 - r_of(nb), ie, real))
             print(f"derive: defaults, loss {real:4.1f} %: PESQ NB {nb:.2f} -> Bpl {bpl:.1f}")
     print(f"derive: Bpl median {statistics.median(fits):.1f} over {len(fits)} (Ie {ie:.1f})")
+    plc_fits = []
+    for loss in (0.01, 0.02, 0.05, 0.10, 0.20):
+        for seed in seeds:
+            nb = receive_plc(packets, loss, seed)
+            _, real = receive(packets, loss, seed)  # the same seeded drops: the real loss
+            plc_fits.append(bpl := solve_bpl(93.2 - r_of(nb), ie, real))
+            print(f"derive: libopus PLC, loss {real:4.1f} %: PESQ NB {nb:.2f} -> Bpl {bpl:.1f}")
+    print(f"derive: PLC Bpl median {statistics.median(plc_fits):.1f} over {len(plc_fits)}")
 
 
 def encoder_cost(signal: np.ndarray, reps: int = 5) -> None:
