@@ -752,13 +752,20 @@ class Agent:
         await self._stopping.wait()
         self.seams.notify("STOPPING=1")
         reason = self.stop_reason or "stopped"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_TIMEOUT_S - 0.5
         # Hang up while the link is still up, so the far end hears why (not a dead transport).
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.5):
                 await self.calls_mgr.hangup("agent_stopping")
+        # Then let that call's summary and spans (and anything else spooled) reach the
+        # broker before `offline`; what does not make it stays spooled for the next start.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline - 0.5):
+                await self.publisher.flush()
         final = (self.topics.status, p.encode(self._status("offline", self.link.session, reason)))
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(STOP_TIMEOUT_S - 0.5):
+            async with asyncio.timeout_at(max(deadline, loop.time() + 0.5)):
                 await self.link.close(final)
         raise _Stopped
 

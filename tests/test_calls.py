@@ -119,3 +119,11 @@ async def test_stopping_in_a_call_tells_the_far_end_before_going_offline(
     assert sb[0]["end_reason"] == "remote_hangup" and sb[0]["result"] == "completed"
     offline = [m.json() for m in c.messages if m.topic == "edge/v1/dev-a/status"][-1]
     assert offline["state"] == "offline"
+    # The stop flushed the spool first: dev-a's summary reached the broker before offline.
+    order = [
+        m.topic
+        for m in c.messages
+        if m.topic == "edge/v1/dev-a/status" or m.topic.startswith("edge/v1/dev-a/calls/")
+    ]
+    assert order.index(f"edge/v1/dev-a/calls/{sa[0]['call_id']}/summary") < len(order) - 1
+    assert order[-1] == "edge/v1/dev-a/status"

@@ -191,6 +191,40 @@ async def test_cancel_mid_window_keeps_unacked_messages(tmp_path: Path) -> None:
         assert [e.seq for e in spool.pending()] == seqs[2:]
 
 
+async def test_flush_returns_once_everything_spooled_is_acknowledged(tmp_path: Path) -> None:
+    link = LinkTwin()
+    with Spool(tmp_path / "spool.db") as spool:
+        publisher = make_publisher(link, spool, window=4)
+        seqs = put_seqs(publisher, 3)
+        link.up()
+        async with running(publisher):
+            flush = asyncio.create_task(publisher.flush())
+            await link.wait_calls(3)
+            link.puback(seqs[0], seqs[1])
+            await settle()
+            assert not flush.done()  # one still unacknowledged
+            link.puback(seqs[2])
+            assert await asyncio.wait_for(flush, 5) is True
+        assert spool.stats().pending == 0
+
+
+async def test_flush_gives_up_when_the_link_drops_and_keeps_the_messages(tmp_path: Path) -> None:
+    link = LinkTwin()
+    with Spool(tmp_path / "spool.db") as spool:
+        publisher = make_publisher(link, spool, window=4)
+        seqs = put_seqs(publisher, 2)
+        assert await publisher.flush() is False  # offline: nothing to wait for
+        link.up()
+        async with running(publisher):
+            flush = asyncio.create_task(publisher.flush())
+            await link.wait_calls(2)
+            link.down()
+            link.fail(seqs[0])
+            link.fail(seqs[1])
+            assert await asyncio.wait_for(flush, 5) is False
+        assert [e.seq for e in spool.pending()] == seqs
+
+
 @pytest.mark.broker
 async def test_drain_to_mosquitto_in_order_with_grouped_acks(tmp_path: Path, broker) -> None:  # type: ignore[no-untyped-def]
     n = 600

@@ -76,6 +76,7 @@ class Publisher:
         self._bucket = TokenBucket(events_rate_per_s, events_burst, monotonic)
         self._suppressed: dict[str, int] = {}
         self._wake = asyncio.Event()
+        self._acked = asyncio.Event()  # set whenever acks are committed (flush waits on it)
         self._health: bytes | None = None
         self.sent = 0
 
@@ -290,6 +291,27 @@ class Publisher:
             self._spool.ack_many(acked)
             self.sent += len(acked)
             acked.clear()
+            self._acked.set()
+
+    async def flush(self) -> bool:
+        """Until the spool is empty (True), or the link is down (False); no timeout of its own.
+
+        For a clean stop: the last call's summary and spans reach the broker before
+        `offline`. Bound it with a timeout; whatever is left stays spooled for the
+        next start. Messages spooled meanwhile are waited for too.
+        """
+        while self._spool.stats().pending:
+            if not self._link.connected.is_set():
+                return False
+            self._acked.clear()
+            acked = asyncio.ensure_future(self._acked.wait())
+            down = asyncio.ensure_future(self._link.disconnected.wait())
+            try:
+                await asyncio.wait({acked, down}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                acked.cancel()
+                down.cancel()
+        return True
 
     async def _wait_wake_or_disconnect(self) -> None:
         wake = asyncio.ensure_future(self._wake.wait())
