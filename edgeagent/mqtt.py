@@ -129,6 +129,23 @@ class _ClientLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         super().log(level, msg, *args, **kwargs)
 
 
+_CONNACK_GRACE_TURNS = 20
+
+
+def _connack_refusal(client: aiomqtt.Client) -> BaseException | None:
+    """The broker's CONNACK refusal (bad credentials, not authorised) if one was read.
+
+    A refusing broker sends CONNACK and closes at once. aiomqtt records the refusal on
+    its `_connected` future as soon as it reads it, but its `__aenter__` reports it only
+    after its connect thread returns, which on a loaded machine can come after the
+    close: the refusal is still the reason to report. Reaches into aiomqtt.
+    """
+    connected = getattr(client, "_connected", None)
+    if isinstance(connected, asyncio.Future) and connected.done() and not connected.cancelled():
+        return connected.exception()
+    return None
+
+
 def _on_socket_close(client: aiomqtt.Client, closed: Callable[[], None]) -> None:
     """Also call `closed` (on the loop) when paho closes the socket.
 
@@ -302,14 +319,22 @@ class BrokerLink:
         either: set[asyncio.Future[Any]] = {enter, dropped}
         try:
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-            if not enter.done():
-                await asyncio.sleep(0)  # a connect failing right now has the better reason
+            # A broker that refuses (bad credentials) sends CONNACK and closes at once:
+            # the refusal has the better reason, and aiomqtt needs a few loop turns to
+            # turn the CONNACK it already read into an error. Turns, not wall time.
+            for _ in range(_CONNACK_GRACE_TURNS):
+                if enter.done():
+                    break
+                await asyncio.sleep(0)
         finally:
             if not enter.done():
                 enter.cancel()
                 with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                     await enter
         if enter.cancelled():
+            refused = _connack_refusal(client)
+            if refused is not None:
+                raise refused
             raise BrokerUnavailable(f"connection closed before CONNACK: {dropped.result()}")
         enter.result()
 

@@ -433,7 +433,9 @@ async def test_peer_closing_before_connack_fails_the_attempt_at_once(
             await assert_keeps_retrying(link, attempts=8)
             assert loop.time() - t0 < 15  # eight attempts, each far below the 30 s timeout
             assert link.last_error is not None
-            assert "before CONNACK" in link.last_error
+            # The peer closed or reset: seen before CONNACK, or (a reset racing paho's
+            # connect thread on a loaded machine) as the connect's own error.
+            assert "before CONNACK" in link.last_error or "reset by peer" in link.last_error
     finally:
         server.close()
         await server.wait_closed()
