@@ -88,6 +88,15 @@ def level_dbfs(x: np.ndarray) -> float:
     return 20 * np.log10(max(rms, 1e-9) / 32768)
 
 
+def hz_tolerance(freq: float) -> float:
+    """How far a played tone's FFT peak may sit from `freq`: the playout buffer's drift
+    correction drops or repeats up to `stretch_fraction` of each frame it corrects (a
+    pitch shift of at most that much; under load it corrects often), plus 3 Hz."""
+    from edgeagent.audio.playout import PlayoutSettings
+
+    return freq * PlayoutSettings().stretch_fraction + 3.0
+
+
 def peak_hz(x: np.ndarray, rate: int = RATE) -> float:
     spectrum = np.abs(np.fft.rfft(x.astype(np.float64) * np.hanning(x.size)))
     return float(np.argmax(spectrum) * rate / x.size)

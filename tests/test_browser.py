@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from agent_support import collector
-from alsa_support import active, level_dbfs, peak_hz, read_raw, tone
+from alsa_support import active, hz_tolerance, level_dbfs, peak_hz, read_raw, tone
 from call_support import alsa_env, endpoint_config, running, until
 
 CHROMIUM = Path("/usr/lib/chromium/chromium")
@@ -207,7 +207,9 @@ def assert_browser_heard_agent(state: dict[str, Any], messages: list) -> None:  
 def assert_agent_heard_browser(tmp_path: Path, device: str) -> None:
     played = active(read_raw(tmp_path / f"spk_{device}.raw"))
     assert played.size >= 2 * 48000, f"{device} played only {played.size} samples"
-    assert abs(peak_hz(played) - BROWSER_HZ) <= 10, f"{device}: peak {peak_hz(played)}"
+    assert abs(peak_hz(played) - BROWSER_HZ) <= hz_tolerance(BROWSER_HZ), (
+        f"{device}: peak {peak_hz(played)}"
+    )
     assert abs(level_dbfs(played) - TONE_DBFS) <= 4, f"{device}: {level_dbfs(played):.1f} dBFS"
 
 

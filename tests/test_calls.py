@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from agent_support import collector
-from alsa_support import active, level_dbfs, peak_hz, read_raw, tone
+from alsa_support import active, hz_tolerance, level_dbfs, peak_hz, read_raw, tone
 from call_support import (
     alsa_env,
     categories,
@@ -71,7 +71,9 @@ async def test_two_agents_call_each_other_with_audio_both_ways(
     for device, freq in (("dev-a", 1000), ("dev-b", 440)):
         played = active(read_raw(tmp_path / f"spk_{device}.raw"))
         assert played.size >= 48000, f"{device} heard only {played.size} samples"
-        assert abs(peak_hz(played) - freq) <= 10, f"{device}: peak {peak_hz(played)}"
+        assert abs(peak_hz(played) - freq) <= hz_tolerance(freq), (
+            f"{device}: peak {peak_hz(played)}"
+        )
         assert abs(level_dbfs(played) - (-12)) <= 3
 
 
@@ -97,7 +99,7 @@ async def test_echo_peer_returns_the_callers_audio(
         await a.calls_mgr.hangup()
     played = active(read_raw(tmp_path / "spk_dev-a.raw"))
     assert played.size >= 48000, played.size
-    assert abs(peak_hz(played) - 700) <= 10
+    assert abs(peak_hz(played) - 700) <= hz_tolerance(700)
 
 
 async def test_stopping_in_a_call_tells_the_far_end_before_going_offline(

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from agent_support import collector
-from alsa_support import BenchAlsa, active, level_dbfs, peak_hz, read_raw, tone
+from alsa_support import BenchAlsa, active, hz_tolerance, level_dbfs, peak_hz, read_raw, tone
 from call_support import alsa_env, endpoint_config, running, until
 from turn_support import TURN_PASSWORD, TURN_USER, Coturn, turn  # noqa: F401 (fixture)
 
@@ -88,7 +88,9 @@ async def test_relay_only_call_carries_audio_both_ways_through_coturn(
     for device, freq in (("dev-a", 1000), ("dev-b", 440)):
         played = active(read_raw(tmp_path / f"spk_{device}.raw"))
         assert played.size >= 48000, f"{device} heard only {played.size} samples"
-        assert abs(peak_hz(played) - freq) <= 10, f"{device}: peak {peak_hz(played)}"
+        assert abs(peak_hz(played) - freq) <= hz_tolerance(freq), (
+            f"{device}: peak {peak_hz(played)}"
+        )
         assert abs(level_dbfs(played) - (-12)) <= 3
 
 
