@@ -304,22 +304,20 @@ class Publisher:
             if not self._link.connected.is_set():
                 return False
             self._acked.clear()
-            acked = asyncio.ensure_future(self._acked.wait())
-            down = asyncio.ensure_future(self._link.disconnected.wait())
-            try:
-                await asyncio.wait({acked, down}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                acked.cancel()
-                down.cancel()
+            await self._until_set_or_down(self._acked)
         return True
 
     async def _wait_wake_or_disconnect(self) -> None:
-        wake = asyncio.ensure_future(self._wake.wait())
+        await self._until_set_or_down(self._wake)
+
+    async def _until_set_or_down(self, event: asyncio.Event) -> None:
+        """Until `event` is set or the link goes down, whichever comes first."""
+        setting = asyncio.ensure_future(event.wait())
         down = asyncio.ensure_future(self._link.disconnected.wait())
         try:
-            await asyncio.wait({wake, down}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({setting, down}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            wake.cancel()
+            setting.cancel()
             down.cancel()
 
 
