@@ -20,7 +20,9 @@ direction; one message per `call.stats_interval_s` = 1 s); the summary's
 direction from RTCP receiver reports, printed for comparison. The session
 publishes the E-model with Ie of our Opus encoder (`emodel.opus_ie` at the
 configured bitrate and complexity) and Bpl of our receive path's concealment
-(libopus PLC, `emodel.BPL_OPUS_PLC`; the fade's `BPL_FADE` without libopus0);
+(between two agents with libopus0: PLC plus the FEC the far end sends under loss,
+`emodel.BPL_OPUS_PLC_FEC`; PLC alone `BPL_OPUS_PLC` from a far end that sends no
+FEC; the fade's `BPL_FADE` without libopus0);
 the target is judged on that published MOS. `recomputed`
 is the same model applied here to the published per-window figures (loss,
 RTT, playout depth), a check that the session does what the bench expects.
@@ -212,7 +214,8 @@ def proposed_mos(q: dict[str, Any], bitrate_kbps: float = 32.0) -> float | None:
     """MOS of one quality message recomputed with the receiver model the session uses.
 
     Same inputs the session uses (window loss, smoothed RTT, playout depth at the
-    sample), with Ie of our Opus encoder (defaults) and Bpl of our receive path (PLC).
+    sample), with Ie of our Opus encoder (defaults) and Bpl of our receive path (PLC,
+    and FEC from the far end: both ends are agents that decode FEC).
     """
     if q.get("loss_pct") is None:
         return None
@@ -221,7 +224,7 @@ def proposed_mos(q: dict[str, Any], bitrate_kbps: float = 32.0) -> float | None:
         delay,
         q["loss_pct"],
         ie=emodel.opus_ie(bitrate_kbps),
-        bpl=emodel.BPL[emodel.own_loss_handling(True)],
+        bpl=emodel.BPL[emodel.own_loss_handling(True, fec=True)],
     )
     return emodel.mos_from_r(r)
 
@@ -303,7 +306,7 @@ def derive(signal: np.ndarray, seeds: tuple[int, ...] = (101, 202, 303)) -> None
         return score(np.concatenate(out), signal)[0], 100.0 * lost / len(packets)
 
     def receive_plc(packets: list[tuple[bytes, int]], loss: float, seed: int) -> float:
-        """As `receive`, through the agent's decoder: libopus PLC (no FEC between agents)."""
+        """As `receive`, through the agent's decoder: libopus PLC alone (no FEC sent)."""
         rng = random.Random(seed)
         dec, playout, out = PlcDecoder(fec=False), PlayoutBuffer(), []
 

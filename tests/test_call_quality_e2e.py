@@ -89,10 +89,13 @@ async def test_injected_loss_lowers_mos_fires_mos_and_loss_alerts_and_resolves_t
         assert fired["mos_low"]["value"] < 3.0
         assert fired["mos_low"]["severity"] == "warning"
         assert any(q["loss_pct"] and q["loss_pct"] > 5 and q["mos"] < 3.0 for q in lossy)
-        # dev-a's decoder concealed the lost packets with libopus PLC; the far end is an
-        # agent, which sends no FEC, so nothing was decoded from FEC.
+        # dev-a's decoder concealed the lost packets with libopus PLC and, the far end
+        # being an agent that decodes FEC too (its SDP says so), recovered the last
+        # frame of each gap from the FEC dev-b sends once it sees the loss.
         assert lossy[-1]["audio"]["plc_frames"] > 0
-        assert lossy[-1]["audio"]["fec_frames"] == 0
+        assert lossy[-1]["audio"]["fec_frames"] > 0
+        session = a.calls_mgr.active.session if a.calls_mgr.active else None
+        assert session is not None and session.fec_to_far_end  # and dev-a sends FEC to dev-b
         assert lossy[-1]["audio"]["concealed_frames"] >= lossy[-1]["audio"]["plc_frames"]
 
         # The loss stops mid-call: both alerts resolve while the call goes on.

@@ -105,17 +105,17 @@ def test_opus_ie_falls_with_complexity_and_clamps_below_the_measured_range() -> 
     assert opus_ie(32.0, 0) == opus_ie(32.0, 5) == pytest.approx(19.5)
 
 
-def test_far_end_concealment_by_who_decodes() -> None:
-    # Our agents conceal with libopus PLC (PlcDecoder); we send them no FEC.
-    assert receiver_loss_handling(ours=True, fec_sent=False) is LossHandling.OPUS_PLC
-    assert receiver_loss_handling(ours=True, fec_sent=True) is LossHandling.OPUS_PLC
-    assert receiver_loss_handling(ours=False, fec_sent=False) is LossHandling.OPUS_PLC
-    assert receiver_loss_handling(ours=False, fec_sent=True) is LossHandling.OPUS_PLC_FEC
+def test_far_end_concealment_is_plc_with_fec_when_we_send_it() -> None:
+    # FEC goes only to a far end that decodes it (opus.far_end_decodes_fec).
+    assert receiver_loss_handling(fec_sent=False) is LossHandling.OPUS_PLC
+    assert receiver_loss_handling(fec_sent=True) is LossHandling.OPUS_PLC_FEC
 
 
 def test_our_receive_path_is_plc_with_libopus_and_fades_without() -> None:
     assert own_loss_handling(True) is LossHandling.OPUS_PLC
+    assert own_loss_handling(True, fec=True) is LossHandling.OPUS_PLC_FEC
     assert own_loss_handling(False) is LossHandling.FADE
+    assert own_loss_handling(False, fec=True) is LossHandling.FADE  # PyAV cannot use FEC
 
 
 def test_a_clean_call_with_our_defaults_is_good_and_was_not_with_the_old_encoder() -> None:
@@ -142,3 +142,16 @@ def test_our_receiver_model_matches_the_bench_pesq_table() -> None:
     for loss, pesq_nb in table:
         mos = mos_from_r(r_factor(d, loss, ie=opus_ie(32.0, 10), bpl=BPL_FADE))
         assert abs(mos - pesq_nb) <= 0.3, (loss, mos, pesq_nb)
+
+
+def test_plc_with_fec_matches_the_bench_pesq_table_between_agents() -> None:
+    """bench/mos_vs_pesq.py, both ends agents with libopus: PLC plus the far end's FEC."""
+    d = one_way_delay_ms(rtt_ms=1.0, playout_ms=50.0)
+    table = [(0.0, 4.16), (1.37, 3.99), (2.50, 3.81), (5.99, 3.51), (10.60, 3.14), (20.94, 2.30)]
+    plc_alone = [(5.98, 2.89), (10.60, 2.18), (20.85, 1.74)]  # the same drops without FEC
+    for loss, pesq_nb in table:
+        mos = mos_from_r(r_factor(d, loss, ie=opus_ie(32.0, 10), bpl=BPL_OPUS_PLC_FEC))
+        assert abs(mos - pesq_nb) <= 0.3, (loss, mos, pesq_nb)
+    for loss, pesq_nb in plc_alone:
+        with_fec = mos_from_r(r_factor(d, loss, ie=opus_ie(32.0, 10), bpl=BPL_OPUS_PLC_FEC))
+        assert with_fec - pesq_nb > 0.3  # FEC's model is not the PLC-alone one

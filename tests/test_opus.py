@@ -15,6 +15,9 @@ from edgeagent.call.opus import (
     OpusSettings,
     far_end_decodes_fec,
     far_end_is_aiortc,
+    far_end_is_edgeagent,
+    far_end_uses_fec,
+    mark_sdp,
     munge_sdp,
     opus_fmtp,
     quantise_loss_hint,
@@ -78,10 +81,16 @@ async def test_our_agents_are_told_apart_from_browsers_by_the_sdp() -> None:
         offer = await pc.createOffer()
     finally:
         await pc.close()
-    ours = munge_sdp(offer.sdp, OpusSettings())
-    assert far_end_is_aiortc(ours)
-    assert opus_fmtp(ours)["useinbandfec"] == "1"
-    assert not far_end_decodes_fec(ours)  # asks for FEC but cannot decode it
+    stock = munge_sdp(offer.sdp, OpusSettings())
+    assert far_end_is_aiortc(stock) and not far_end_is_edgeagent(stock)
+    assert opus_fmtp(stock)["useinbandfec"] == "1"
+    assert not far_end_decodes_fec(stock)  # asks for FEC but cannot decode it (PyAV)
+    # An agent decoding through libopus says so, and gets FEC like a browser.
+    agent = mark_sdp(stock, "9.9", decodes_fec=True)
+    assert far_end_is_aiortc(agent) and far_end_is_edgeagent(agent)
+    assert far_end_uses_fec(agent) and far_end_decodes_fec(agent)
+    plain = mark_sdp(stock, "9.9", decodes_fec=False)  # an agent without libopus0
+    assert far_end_is_edgeagent(plain) and not far_end_decodes_fec(plain)
     assert not far_end_is_aiortc(CHROME_OFFER)
     assert far_end_decodes_fec(CHROME_OFFER)
     no_fec = CHROME_OFFER.replace("useinbandfec=1", "useinbandfec=0")
@@ -89,6 +98,33 @@ async def test_our_agents_are_told_apart_from_browsers_by_the_sdp() -> None:
     firefox = CHROME_OFFER.replace("o=- 4611731400430051336 2", "o=mozilla...THIS_IS_SDPARTA 1 0")
     assert not far_end_is_aiortc(firefox)
     assert opus_fmtp("v=0\r\n") == {}
+
+
+async def test_the_tool_line_is_session_level_and_survives_aiortc_and_remarking() -> None:
+    pc, far = RTCPeerConnection(), RTCPeerConnection()
+    try:
+        pc.addTransceiver("audio")
+        offer = await pc.createOffer()
+        marked = mark_sdp(munge_sdp(offer.sdp, OpusSettings()), "1.2.3", decodes_fec=True)
+        lines = marked.split("\r\n")
+        tool = lines.index("a=tool:edgeagent/1.2.3 opus-fec")
+        assert tool < next(i for i, x in enumerate(lines) if x.startswith("m="))
+        assert marked.endswith("\r\n") and "\n\n" not in marked
+        # Marking again replaces the line rather than adding one.
+        again = mark_sdp(marked, "1.2.4", decodes_fec=False)
+        assert again.count("a=tool:") == 1 and "a=tool:edgeagent/1.2.4\r\n" in again
+        assert not far_end_uses_fec(again)
+        # aiortc (the far end of a call between agents) takes the marked offer.
+        from aiortc import RTCSessionDescription
+
+        await far.setRemoteDescription(RTCSessionDescription(marked, "offer"))
+        assert far.remoteDescription is not None
+    finally:
+        await pc.close()
+        await far.close()
+    # Another tool's line is no mark of ours, nor is a name that only starts like it.
+    assert not far_end_is_edgeagent(CHROME_OFFER.replace("s=-", "s=-\r\na=tool:other 1"))
+    assert not far_end_is_edgeagent(CHROME_OFFER.replace("s=-", "s=-\r\na=tool:edgeagentx"))
 
 
 def _frames(signal: np.ndarray) -> list[av.AudioFrame]:

@@ -36,13 +36,13 @@ encoder CPU as thread time on a loaded 2-core x86 VM):
   the fixed 10 % hint, 3.76 with 0; complexity 10: 3.90 and 4.11). Under
   loss the hint rises so that in-band FEC (LBRR) protects the far end.
 - FEC is sent only to a far end that can decode it: one that asked for it
-  (`useinbandfec=1` in its SDP) and is not one of our agents. Our receive
-  path (PyAV's libopus decoder) cannot use FEC, so to another agent the FEC
-  bits would be pure cost; our agents are recognised by aiortc's SDP origin
-  line (`far_end_is_aiortc`), the only aiortc peers we talk to. We still
-  offer `useinbandfec=1` ourselves (pinned by the SDP tests); a browser then
-  adds FEC under loss that we cannot use, which costs that direction a
-  little quality at high loss.
+  (`useinbandfec=1` in its SDP) and is not a stock aiortc peer (whose PyAV
+  decoder ignores FEC, so the bits would be pure cost). Stock aiortc peers are
+  recognised by aiortc's SDP origin line (`far_end_is_aiortc`); our agents are
+  aiortc peers too, but an agent that decodes through libopus (`PlcDecoder`,
+  edgeagent/call/libopus.py) says so with a session-level
+  `a=tool:edgeagent/<version> opus-fec` line (`mark_sdp`), and gets FEC like a
+  browser. The echo peer, which decodes through PyAV, carries no such line.
 - 32 kbit/s stays the default (config compatible): 48 kbit/s scores PESQ NB
   4.24 and is there for links that can afford it. The resulting clean
   agent-to-agent call publishes MOS 4.02 (PESQ NB 4.18), above the "good" 3.6.
@@ -212,9 +212,49 @@ def far_end_is_aiortc(sdp: str) -> bool:
     return _AIORTC_ORIGIN.search(sdp) is not None
 
 
+TOOL = "edgeagent"
+FEC_CAPABILITY = "opus-fec"
+_TOOL_LINE = re.compile(
+    r"^a=tool:edgeagent(?:/\S*)?(?P<caps>(?:[ \t]+\S+)*)[ \t]*\r?$", re.MULTILINE
+)
+
+
+def mark_sdp(sdp: str, version: str, *, decodes_fec: bool) -> str:
+    """`sdp` with a session-level `a=tool:edgeagent/<version>` line, ` opus-fec` when we use FEC.
+
+    `a=tool` (RFC 8866 section 6.3) names the software that wrote the description;
+    browsers and aiortc ignore it. It goes before the first media section. aiortc
+    drops session attributes it does not model when it serialises a description,
+    so mark the SDP that is signalled (after `setLocalDescription`), not the one set.
+    An existing `a=tool:edgeagent` line is replaced.
+    """
+    line = f"a=tool:{TOOL}/{version}" + (f" {FEC_CAPABILITY}" if decodes_fec else "")
+    lines = [x for x in sdp.splitlines() if not _TOOL_LINE.match(x)]
+    at = next((i for i, x in enumerate(lines) if x.startswith("m=")), len(lines))
+    lines.insert(at, line)
+    return "\r\n".join(lines) + "\r\n"
+
+
+def far_end_is_edgeagent(sdp: str) -> bool:
+    """True when `sdp` carries our `a=tool:edgeagent` line (`mark_sdp`)."""
+    return _TOOL_LINE.search(sdp) is not None
+
+
+def far_end_uses_fec(sdp: str) -> bool:
+    """Whether the author of `sdp` decodes Opus in-band FEC (and so may send it).
+
+    Browsers and SIP phones run libopus, which does; a stock aiortc peer decodes
+    through PyAV, which does not; our agents say which they are (`mark_sdp`).
+    """
+    if not far_end_is_aiortc(sdp):
+        return True
+    m = _TOOL_LINE.search(sdp)
+    return m is not None and FEC_CAPABILITY in m.group("caps").split()
+
+
 def far_end_decodes_fec(sdp: str) -> bool:
-    """Whether FEC sent to the author of `sdp` is used: it asks for it and is not one of ours."""
-    return opus_fmtp(sdp).get("useinbandfec") == "1" and not far_end_is_aiortc(sdp)
+    """Whether FEC sent to the author of `sdp` is used: it asks for it and can decode it."""
+    return opus_fmtp(sdp).get("useinbandfec") == "1" and far_end_uses_fec(sdp)
 
 
 def _parse_fmtp(params: str) -> dict[str, str]:

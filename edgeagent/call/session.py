@@ -17,11 +17,13 @@ from typing import Any
 
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 
+from edgeagent import __version__
 from edgeagent.audio.aec import EchoCanceller, EchoCancellerConfig
 from edgeagent.audio.checks import AudioIssueChanged, FrameAnalyzer, audio_object
 from edgeagent.audio.echo import EchoDetector
 from edgeagent.audio.frames import Samples
 from edgeagent.audio.playout import PlayoutBuffer, PlayoutSettings
+from edgeagent.call import libopus
 from edgeagent.call.ice import (
     ice_configuration,
     ice_failure,
@@ -33,7 +35,9 @@ from edgeagent.call.opus import (
     OpusSettings,
     far_end_decodes_fec,
     far_end_is_aiortc,
+    far_end_uses_fec,
     install_opus_encoder,
+    mark_sdp,
     munge_sdp,
     opus_encoders,
     send_audio_level,
@@ -161,6 +165,7 @@ class CallSession:
         self.loss_hint = LossHint()
         self.far_end_ours = False  # set from the remote SDP (`_after_remote`)
         self.fec_to_far_end = False
+        self.fec_from_far_end = False  # the far end sends FEC under loss (it decodes FEC)
         audio = cfg.audio
         self.capture = AlsaCapture(audio.capture_device, clock=clock, paced=audio.paced)
         self.playout = PlayoutBuffer(
@@ -326,7 +331,13 @@ class CallSession:
             gather_timeout_s=self.cfg.ice.gather_timeout_s,
         )
         await self._set_local(RTCSessionDescription(munge_sdp(offer.sdp, self.opus), "offer"))
-        return str(self.pc.localDescription.sdp)
+        return self._signalled_sdp()
+
+    def _signalled_sdp(self) -> str:
+        """Our local description as signalled: marked as ours, with whether we decode FEC."""
+        return mark_sdp(
+            str(self.pc.localDescription.sdp), __version__, decodes_fec=libopus.load() is not None
+        )
 
     async def _set_local(self, description: RTCSessionDescription) -> None:
         """setLocalDescription, which gathers every candidate first (aiortc does not trickle)."""
@@ -358,16 +369,16 @@ class CallSession:
         )
         await self._set_local(RTCSessionDescription(munge_sdp(answer.sdp, self.opus), "answer"))
         self._begin("ice.connect")  # checks run while the answer travels to the caller
-        return str(self.pc.localDescription.sdp)
+        return self._signalled_sdp()
 
     def _after_remote(self, remote_sdp: str) -> None:
-        # Who decodes what we send: another agent (no FEC; Opus PLC) or a
-        # browser/SIP phone (libopus PLC, FEC when it asked for it).
+        # Who decodes what we send: a browser, SIP phone or agent with libopus (PLC,
+        # and FEC when it asked for it) or a stock aiortc peer (no FEC).
         self.far_end_ours = far_end_is_aiortc(remote_sdp)
         # The sink downmixes to mono anyway: decode Opus to mono (docs/profile.md),
-        # with PLC; FEC from a far end that may send it (an aiortc one never does).
+        # with PLC; FEC from a far end that may send it (one that decodes FEC itself).
         self._receive_buffers = install_receive_path(
-            self.pc, mono_opus=True, opus_fec=not self.far_end_ours
+            self.pc, mono_opus=True, opus_fec=far_end_uses_fec(remote_sdp)
         )
         if self.sink is not None:
             connect_sink(self.pc, self.sink)
@@ -375,6 +386,9 @@ class CallSession:
         # aiortc's receiver never reads the RTP audio level: skip it for our agents.
         send_audio_level(self.pc, not self.far_end_ours)
         self.fec_to_far_end = self.opus.fec and far_end_decodes_fec(remote_sdp)
+        # We ask for FEC (useinbandfec=1) when ours is on; a far end that decodes FEC
+        # itself sends it under loss (browsers, and agents: they do what we do).
+        self.fec_from_far_end = self.opus.fec and far_end_uses_fec(remote_sdp)
         for encoder in opus_encoders(self.pc):
             encoder.set_fec(self.fec_to_far_end)
 
@@ -452,14 +466,15 @@ class CallSession:
         mos = r = remote_mos = None
         plc, fec = self.decoder_concealment()
         if win.loss_pct is not None:
-            # Our own receive path: libopus PLC (FEC when the far end sends it, which
-            # we cannot see, so not counted on), or the playout buffer's fade.
-            bpl = emodel.BPL[emodel.own_loss_handling(self.decodes_with_plc())]
+            # Our own receive path: libopus PLC, with FEC from a far end that sends it,
+            # or the playout buffer's fade.
+            handling = emodel.own_loss_handling(self.decodes_with_plc(), fec=self.fec_from_far_end)
+            bpl = emodel.BPL[handling]
             r = emodel.r_factor(delay, win.loss_pct, ie=ie, bpl=bpl)
             mos = emodel.mos_from_r(r)
         if win.remote_loss_pct is not None:
             # The far end's playout depth is unknown: ours stands in for it.
-            handling = emodel.receiver_loss_handling(ours=self.far_end_ours, fec_sent=fec_sent)
+            handling = emodel.receiver_loss_handling(fec_sent=fec_sent)
             remote_r = emodel.r_factor(delay, win.remote_loss_pct, ie=ie, bpl=emodel.BPL[handling])
             remote_mos = emodel.mos_from_r(remote_r)
         pstats = self.playout.stats()
@@ -499,8 +514,8 @@ class CallSession:
     def _follow_remote_loss(self, remote_loss_pct: float | None) -> bool:
         """Set the encoders' loss hint from the far end's reported loss; True if FEC is sent.
 
-        Only a far end that decodes FEC gets a hint above 0: for our own agents the
-        FEC bits would be wasted (see edgeagent/call/opus.py).
+        Only a far end that decodes FEC gets a hint above 0: for a stock aiortc peer
+        the FEC bits would be wasted (see edgeagent/call/opus.py).
         """
         hint = self.loss_hint.update(remote_loss_pct) if self.fec_to_far_end else 0
         fec_sent = False

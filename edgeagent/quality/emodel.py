@@ -38,8 +38,13 @@ lossy relay, on other seeds than the validation table's (`bench/mos_vs_pesq.py
 bench gave about 12. The offline fit (`--derive`, decoder and playout buffer without
 a call) gives 10.2 and understates what PLC gains in a call (real calls on the
 validation seeds: PESQ NB +0.14 to +0.42 over the fade at 1-20 % loss)."""
-BPL_OPUS_PLC_FEC = 33.0
-"""Opus with PLC and in-band FEC, random loss (FEC helps little with bursty loss)."""
+BPL_OPUS_PLC_FEC = 25.8
+"""Opus with PLC and in-band FEC, random loss (FEC helps little with bursty loss), as our
+encoder sends it: FEC from the moment the adaptive loss hint rises (`opus.LossHint`, a
+few seconds into the loss), decoded by libopus. Fitted on real agent-to-agent calls
+through the lossy relay, where both ends send and decode FEC (`bench/mos_vs_pesq.py
+--seed0 101 --seeds 2 --bpl-fit`: median of 10 lossy calls, 6.1-35.1), validated on the
+table's seeds. quality.md gives 33 for FEC at a fixed hint, from the first lost packet."""
 BPL_G711_PLC = 25.1
 """G.711 with PLC (G.113 Appendix I)."""
 BPL_G711 = 4.3
@@ -114,21 +119,26 @@ def opus_ie(bitrate_kbps: float, complexity: int = 10) -> float:
     return low + (high - low) * share
 
 
-def receiver_loss_handling(*, ours: bool, fec_sent: bool) -> LossHandling:
-    """How the far end conceals our lost packets: libopus PLC, with FEC when it uses it.
+def receiver_loss_handling(*, fec_sent: bool) -> LossHandling:
+    """How the far end conceals our lost packets: libopus PLC, with FEC when we send it.
 
-    One of our agents runs libopus PLC too (`PlcDecoder`); we send it no FEC
-    (an aiortc far end may be a stock one, which would ignore it), so `fec_sent`
-    is False for it. A browser or SIP phone is assumed to use FEC when we send it.
+    FEC is sent only to a far end that decodes it (a browser, a SIP phone, an agent
+    with libopus: `opus.far_end_decodes_fec`); a stock aiortc peer gets none, and
+    is assumed to run libopus PLC like the rest (it plays silence: optimistic there).
     """
-    if ours:
-        return LossHandling.OPUS_PLC
     return LossHandling.OPUS_PLC_FEC if fec_sent else LossHandling.OPUS_PLC
 
 
-def own_loss_handling(plc: bool) -> LossHandling:
-    """How our own receive path conceals: libopus PLC, or the playout buffer's fade without it."""
-    return LossHandling.OPUS_PLC if plc else LossHandling.FADE
+def own_loss_handling(plc: bool, *, fec: bool = False) -> LossHandling:
+    """How our own receive path conceals: libopus PLC (with FEC when the far end sends it),
+    or the playout buffer's fade without libopus.
+
+    `fec`: the far end sends in-band FEC under loss: it decodes FEC itself and we
+    asked for it (`useinbandfec=1`), as a browser or an agent with libopus does.
+    """
+    if not plc:
+        return LossHandling.FADE
+    return LossHandling.OPUS_PLC_FEC if fec else LossHandling.OPUS_PLC
 
 
 def one_way_delay_ms(
