@@ -12,12 +12,20 @@ Stages (the agent's own classes, fed the bench speech of bench/speech.py):
 - `checks`: the three `FrameAnalyzer`s and the `EchoDetector`, as `CallSession` runs them;
 - `encode`: an `av.AudioFrame` built as `MicrophoneTrack.recv` builds it, then
   `MonoOpusEncoder.encode` (complexity 10, 32 kbit/s, VoIP);
-- `decode`: `MonoOpusDecoder.decode`, `frame_to_mono`, `PlayoutBuffer.push` and `pull`;
+- `decode`: `MonoOpusDecoder.decode`, `frame_to_mono`, `PlayoutBuffer.push` and `pull`
+  (the PyAV receive path, used without libopus0);
+- `plcdecode`: `PlcDecoder.decode` (libopus0 through ctypes, what calls use), `PlayoutBuffer.push`
+  and `pull`;
 - `libopus`: the floor for `encode` + `decode`: the same libopus build (PyAV's) called
   through ctypes with the same settings, no PyAV and no Python per sample.
 
 Run: .venv/bin/python bench/instructions.py [--frames 100] [--stage NAME ...]
 (about a minute per stage; valgrind must be installed).
+
+`--time` measures the same stages by CPU time instead (no valgrind): thread time per
+frame over `--frames` frames, best of three passes, printed as µs per frame and ms per
+call-second (50 frames). bench/perf.py runs it beside baresip: the audio work every call
+does, with no transport, loop or statistics around it, in the same run as the reference.
 """
 
 from __future__ import annotations
@@ -27,10 +35,12 @@ import ctypes
 import ctypes.util
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -46,7 +56,7 @@ import speech  # noqa: E402
 RATE, FRAME = 48000, 960
 WARMUP = 50
 VALGRIND = ("valgrind", "--tool=callgrind", "--compress-strings=no", "--compress-pos=no")
-STAGES = ("aec", "checks", "encode", "decode", "libopus")
+STAGES = ("aec", "checks", "encode", "decode", "plcdecode", "libopus")
 
 
 # --- the stages (run inside the measured child) -------------------------------------------
@@ -113,22 +123,40 @@ def _encoded(frames: list[np.ndarray]) -> list[bytes]:
     return [opus.encode(f) for f in frames]
 
 
+class _Encoded:  # what aiortc's jitter buffer hands the decoder
+    def __init__(self, data: bytes, timestamp: int) -> None:
+        self.data, self.timestamp = data, timestamp
+
+
 def stage_decode(frames: list[np.ndarray]) -> Callable[[int], None]:
+    """The PyAV receive path (`MonoOpusDecoder`): what a call uses without libopus0."""
     from edgeagent.audio.playout import PlayoutBuffer
     from edgeagent.call.opus import MonoOpusDecoder
     from edgeagent.call.tracks import frame_to_mono
 
-    class Encoded:  # what aiortc's jitter buffer hands the decoder
-        def __init__(self, data: bytes, timestamp: int) -> None:
-            self.data, self.timestamp = data, timestamp
-
-    packets = [Encoded(p, i * FRAME) for i, p in enumerate(_encoded(frames))]
+    packets = [_Encoded(p, i * FRAME) for i, p in enumerate(_encoded(frames))]
     dec, playout = MonoOpusDecoder(), PlayoutBuffer()
 
     def step(i: int) -> None:
         for frame in dec.decode(packets[i]):
             samples, ts = frame_to_mono(frame)
             playout.push(samples, ts)
+        playout.pull()
+
+    return step
+
+
+def stage_plcdecode(frames: list[np.ndarray]) -> Callable[[int], None]:
+    """The receive path a call uses with libopus0 (`PlcDecoder`), into the playout buffer."""
+    from edgeagent.audio.playout import PlayoutBuffer
+    from edgeagent.call.libopus import PlcDecoder
+
+    packets = [_Encoded(p, i * FRAME) for i, p in enumerate(_encoded(frames))]
+    dec, playout = PlcDecoder(fec=False), PlayoutBuffer()
+
+    def step(i: int) -> None:
+        for audio in dec.decode(packets[i]):
+            playout.push(audio.samples, audio.timestamp)
         playout.pull()
 
     return step
@@ -195,6 +223,7 @@ BUILDERS = {
     "checks": stage_checks,
     "encode": stage_encode,
     "decode": stage_decode,
+    "plcdecode": stage_plcdecode,
     "libopus": stage_libopus,
 }
 
@@ -252,6 +281,37 @@ def measure(stage: str, frames: int, tmp: Path) -> dict[str, int]:
     }
 
 
+def time_stage(stage: str, frames: int, passes: int = 3) -> float:
+    """Best-of-`passes` thread time of one frame of `stage`, in µs (after a warm-up)."""
+    data = speech_frames(WARMUP + frames)
+    step = BUILDERS[stage](data)
+    for i in range(WARMUP):
+        step(i)
+    best = float("inf")
+    for _ in range(passes):
+        start = time.thread_time()
+        for i in range(WARMUP, WARMUP + frames):
+            step(i)
+        best = min(best, (time.thread_time() - start) / frames * 1e6)
+    return best
+
+
+TIME_LINE = re.compile(r"^TIME (\w+)\s+([\d.]+) us/frame\s+([\d.]+) ms", re.M)
+
+
+def parse_times(out: str) -> dict[str, float]:
+    """`--time` output -> ms per call-second by stage (what bench/perf.py reads)."""
+    return {stage: float(ms) for stage, _, ms in TIME_LINE.findall(out)}
+
+
+def print_times(stages: list[str], frames: int) -> None:
+    """`--time`: µs per frame and ms per call-second of each stage, one `TIME` line each."""
+    print(f"CPU time per 20 ms frame, best of 3 passes of {frames} frames (thread time)")
+    for stage in stages:
+        us = time_stage(stage, frames)
+        print(f"TIME {stage:<10} {us:8.1f} us/frame {us * 50 / 1000:7.2f} ms per call-second")
+
+
 def grouped(per_object: dict[str, int]) -> dict[str, int]:
     out: dict[str, int] = {}
     for ob, ir in per_object.items():
@@ -264,11 +324,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=100, help="N (the runs take N and 3N)")
     parser.add_argument("--stage", action="append", choices=STAGES, help="default: all")
+    parser.add_argument(
+        "--time", action="store_true", help="CPU time per frame instead of callgrind counts"
+    )
     parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--prepared", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         run_child(args.child, args.frames, max(args.prepared, WARMUP + args.frames + 5))
+        return
+    if args.time:
+        print_times(args.stage or list(STAGES), args.frames)
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed")

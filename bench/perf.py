@@ -67,6 +67,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import baresip  # noqa: E402
 import cpusplit  # noqa: E402
+import instructions  # noqa: E402
 import speech  # noqa: E402
 from agent_support import agent_config  # noqa: E402
 from conftest import free_port, wait_port, write_mosquitto_conf  # noqa: E402
@@ -775,6 +776,16 @@ class Subs:
     idle_rss: float | None = None
 
 
+# The audio work every call does (bench/instructions.py stages), timed alone in one process.
+AUDIO_STAGES = ("aec", "checks", "encode", "plcdecode")
+
+
+def audio_work_alone() -> dict[str, float]:
+    """ms per call-second of each stage in `AUDIO_STAGES`, from `instructions.py --time`."""
+    args = ["--time", "--frames", "500"] + [a for st in AUDIO_STAGES for a in ("--stage", st)]
+    return instructions.parse_times(run_sub("instructions.py", args, 300))
+
+
 def run_subbenches(quick: bool) -> Subs:
     s = Subs()
     out = run_sub("latency.py", ["--runs", "1" if quick else "3"], 600)
@@ -812,6 +823,7 @@ async def main_async(args: argparse.Namespace) -> None:
         conf = write_asoundrc(tmp, settle_s + args.window_s + 30)
         env = {"ALSA_CONFIG_PATH": str(conf)}
         ref = ref_sine = None
+        alone: dict[str, float] = {}
         if baresip.available():
             print(f"baresip reference: {args.window_s:.0f} s window ...", flush=True)
             ref = baresip.measure(args.window_s, settle_s=4.0, perf_dir=perf_dir)
@@ -819,6 +831,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 f"baresip on the earlier tone sweep: {args.window_s:.0f} s window ...", flush=True
             )
             ref_sine = baresip.measure(args.window_s, settle_s=4.0, signal="sine")
+            print("the agent's audio work alone (bench/instructions.py --time) ...", flush=True)
+            alone = audio_work_alone()
         else:
             print("baresip-core is not installed: no reference", file=sys.stderr)
         print(f"agent in a call with the echo peer: {args.window_s:.0f} s window ...", flush=True)
@@ -946,6 +960,16 @@ async def main_async(args: argparse.Namespace) -> None:
             "",
             f"ratio on it {ic.cpu_ms_per_s / ref_sine.per_endpoint_ms:.2f}; "
             "libopus codes a tone for about a third of speech's CPU",
+        )
+    if ref is not None and alone:
+        total = sum(alone.values())
+        row(
+            "  agent's audio work alone, one process (ms/s)",
+            f"{total:.1f}",
+            "",
+            f"ratio {total / ref.per_endpoint_ms:.2f}; "
+            + ", ".join(f"{k} {v:.1f}" for k, v in alone.items())
+            + "; one process, no transport (bench/instructions.py --time)",
         )
     row("  agent (ms CPU per call-second)", f"{ic.cpu_ms_per_s:.1f}", "", "agent process only")
     row("    per thread (ms CPU per s)", "", "", ic.threads)
