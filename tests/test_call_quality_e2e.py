@@ -96,6 +96,7 @@ async def test_injected_loss_lowers_mos_fires_mos_and_loss_alerts_and_resolves_t
         assert lossy[-1]["audio"]["fec_frames"] > 0
         session = a.calls_mgr.active.session if a.calls_mgr.active else None
         assert session is not None and session.fec_to_far_end  # and dev-a sends FEC to dev-b
+        assert session.fec_from_far_end  # its MOS models PLC plus dev-b's FEC
         assert lossy[-1]["audio"]["concealed_frames"] >= lossy[-1]["audio"]["plc_frames"]
 
         # The loss stops mid-call: both alerts resolve while the call goes on.

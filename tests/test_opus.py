@@ -16,6 +16,7 @@ from edgeagent.call.opus import (
     far_end_decodes_fec,
     far_end_is_aiortc,
     far_end_is_edgeagent,
+    far_end_sends_fec,
     far_end_uses_fec,
     mark_sdp,
     munge_sdp,
@@ -91,6 +92,11 @@ async def test_our_agents_are_told_apart_from_browsers_by_the_sdp() -> None:
     assert far_end_uses_fec(agent) and far_end_decodes_fec(agent)
     plain = mark_sdp(stock, "9.9", decodes_fec=False)  # an agent without libopus0
     assert far_end_is_edgeagent(plain) and not far_end_decodes_fec(plain)
+    # Who sends us FEC when we ask: browsers, and agents with their opus_fec on.
+    assert far_end_sends_fec(agent) and far_end_sends_fec(CHROME_OFFER)
+    assert not far_end_sends_fec(stock) and not far_end_sends_fec(plain)
+    fec_off = mark_sdp(munge_sdp(offer.sdp, OpusSettings(fec=False)), "9.9", decodes_fec=True)
+    assert far_end_uses_fec(fec_off) and not far_end_sends_fec(fec_off)
     assert not far_end_is_aiortc(CHROME_OFFER)
     assert far_end_decodes_fec(CHROME_OFFER)
     no_fec = CHROME_OFFER.replace("useinbandfec=1", "useinbandfec=0")

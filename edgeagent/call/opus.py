@@ -252,6 +252,18 @@ def far_end_uses_fec(sdp: str) -> bool:
     return m is not None and FEC_CAPABILITY in m.group("caps").split()
 
 
+def far_end_sends_fec(sdp: str) -> bool:
+    """Whether the author of `sdp` sends in-band FEC under loss when we ask for it.
+
+    A libopus endpoint that decodes FEC does (browsers adapt it to the loss they
+    see). One of our agents sends it only with its own `call.opus_fec` on, which
+    the `useinbandfec` of its SDP mirrors (`munge_sdp`).
+    """
+    if not far_end_uses_fec(sdp):
+        return False
+    return not far_end_is_edgeagent(sdp) or opus_fmtp(sdp).get("useinbandfec") == "1"
+
+
 def far_end_decodes_fec(sdp: str) -> bool:
     """Whether FEC sent to the author of `sdp` is used: it asks for it and can decode it."""
     return opus_fmtp(sdp).get("useinbandfec") == "1" and far_end_uses_fec(sdp)

@@ -35,6 +35,7 @@ from edgeagent.call.opus import (
     OpusSettings,
     far_end_decodes_fec,
     far_end_is_aiortc,
+    far_end_sends_fec,
     far_end_uses_fec,
     install_opus_encoder,
     mark_sdp,
@@ -387,8 +388,8 @@ class CallSession:
         send_audio_level(self.pc, not self.far_end_ours)
         self.fec_to_far_end = self.opus.fec and far_end_decodes_fec(remote_sdp)
         # We ask for FEC (useinbandfec=1) when ours is on; a far end that decodes FEC
-        # itself sends it under loss (browsers, and agents: they do what we do).
-        self.fec_from_far_end = self.opus.fec and far_end_uses_fec(remote_sdp)
+        # itself sends it under loss (browsers; agents with their opus_fec on).
+        self.fec_from_far_end = self.opus.fec and far_end_sends_fec(remote_sdp)
         for encoder in opus_encoders(self.pc):
             encoder.set_fec(self.fec_to_far_end)
 
