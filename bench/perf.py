@@ -780,10 +780,13 @@ class Subs:
 AUDIO_STAGES = ("aec", "checks", "encode", "plcdecode")
 
 
-def audio_work_alone() -> dict[str, float]:
-    """ms per call-second of each stage in `AUDIO_STAGES`, from `instructions.py --time`."""
-    args = ["--time", "--frames", "500"] + [a for st in AUDIO_STAGES for a in ("--stage", st)]
-    return instructions.parse_times(run_sub("instructions.py", args, 300))
+def audio_work_alone() -> tuple[dict[str, float], float | None]:
+    """ms per call-second of each stage in `AUDIO_STAGES` back to back, and of all of
+    them at 20 ms intervals (`instructions.py --time --paced-s`)."""
+    args = ["--time", "--frames", "500", "--paced-s", "10"]
+    args += [a for st in AUDIO_STAGES for a in ("--stage", st)]
+    out = run_sub("instructions.py", args, 300)
+    return instructions.parse_times(out), instructions.parse_paced(out)
 
 
 def run_subbenches(quick: bool) -> Subs:
@@ -824,6 +827,7 @@ async def main_async(args: argparse.Namespace) -> None:
         env = {"ALSA_CONFIG_PATH": str(conf)}
         ref = ref_sine = None
         alone: dict[str, float] = {}
+        alone_paced: float | None = None
         if baresip.available():
             print(f"baresip reference: {args.window_s:.0f} s window ...", flush=True)
             ref = baresip.measure(args.window_s, settle_s=4.0, perf_dir=perf_dir)
@@ -832,7 +836,7 @@ async def main_async(args: argparse.Namespace) -> None:
             )
             ref_sine = baresip.measure(args.window_s, settle_s=4.0, signal="sine")
             print("the agent's audio work alone (bench/instructions.py --time) ...", flush=True)
-            alone = audio_work_alone()
+            alone, alone_paced = audio_work_alone()
         else:
             print("baresip-core is not installed: no reference", file=sys.stderr)
         print(f"agent in a call with the echo peer: {args.window_s:.0f} s window ...", flush=True)
@@ -970,6 +974,14 @@ async def main_async(args: argparse.Namespace) -> None:
             f"ratio {total / ref.per_endpoint_ms:.2f}; "
             + ", ".join(f"{k} {v:.1f}" for k, v in alone.items())
             + "; one process, no transport (bench/instructions.py --time)",
+        )
+    if ref is not None and alone_paced is not None:
+        row(
+            "  the same, one frame every 20 ms (ms/s)",
+            f"{alone_paced:.1f}",
+            "",
+            f"ratio {alone_paced / ref.per_endpoint_ms:.2f}; at a call's cadence the caches "
+            "are cold at each tick (bench/instructions.py --paced-s)",
         )
     row("  agent (ms CPU per call-second)", f"{ic.cpu_ms_per_s:.1f}", "", "agent process only")
     row("    per thread (ms CPU per s)", "", "", ic.threads)
