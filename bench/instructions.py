@@ -11,7 +11,8 @@ Stages (the agent's own classes, fed the bench speech of bench/speech.py):
 - `aec`: `EchoCanceller.process_render` + `process_capture` (AEC3 and our ERLE sums);
 - `checks`: the three `FrameAnalyzer`s and the `EchoDetector`, as `CallSession` runs them;
 - `encode`: an `av.AudioFrame` built as `MicrophoneTrack.recv` builds it, then
-  `MonoOpusEncoder.encode` (complexity 10, 32 kbit/s, VoIP);
+  the agent's encoder (`opus.new_opus_encoder`: libopus through ctypes with libopus0,
+  else PyAV; complexity 10, 32 kbit/s, VoIP);
 - `decode`: `MonoOpusDecoder.decode`, `frame_to_mono`, `PlayoutBuffer.push` and `pull`
   (the PyAV receive path, used without libopus0);
 - `plcdecode`: `PlcDecoder.decode` (libopus0 through ctypes, what calls use), `PlayoutBuffer.push`
@@ -104,9 +105,9 @@ def stage_checks(frames: list[np.ndarray]) -> Callable[[int], None]:
 def stage_encode(frames: list[np.ndarray]) -> Callable[[int], None]:
     import av
 
-    from edgeagent.call.opus import MonoOpusEncoder, OpusSettings
+    from edgeagent.call.opus import OpusSettings, new_opus_encoder
 
-    enc = MonoOpusEncoder(OpusSettings())
+    enc = new_opus_encoder(OpusSettings())
     tb = Fraction(1, RATE)
 
     def step(i: int) -> None:

@@ -257,7 +257,7 @@ def solve_bpl(ie_eff: float, ie: float, loss_pct: float) -> float:
 def derive(signal: np.ndarray, seeds: tuple[int, ...] = (101, 202, 303)) -> None:
     """Ie and Bpl of our encoder + receive path, offline (no call): P.834-style fits to PESQ NB.
 
-    Encodes with `MonoOpusEncoder`, drops seeded random packets, decodes the
+    Encodes with the agent's encoder (`new_opus_encoder`), drops seeded random packets, decodes the
     rest with libopus (as aiortc does) into our `PlayoutBuffer` (its fade is
     the concealment), and solves the E-model for Ie (0 % loss) and Bpl.
     """
@@ -269,7 +269,7 @@ def derive(signal: np.ndarray, seeds: tuple[int, ...] = (101, 202, 303)) -> None
 
     from edgeagent.audio.playout import PlayoutBuffer
     from edgeagent.call.libopus import PlcDecoder
-    from edgeagent.call.opus import MonoOpusEncoder, OpusSettings
+    from edgeagent.call.opus import OpusSettings, new_opus_encoder
     from edgeagent.call.tracks import frame_to_mono
 
     tb = fractions.Fraction(1, RATE)
@@ -279,7 +279,7 @@ def derive(signal: np.ndarray, seeds: tuple[int, ...] = (101, 202, 303)) -> None
     LAG = 3
 
     def encode(settings: OpusSettings) -> list[tuple[bytes, int]]:
-        enc, packets = MonoOpusEncoder(settings), []
+        enc, packets = new_opus_encoder(settings), []
         for i in range(0, signal.size - 960, 960):
             f = av.AudioFrame.from_ndarray(signal[i : i + 960].reshape(1, -1), "s16", "mono")
             f.sample_rate, f.pts, f.time_base = RATE, i, tb
@@ -355,7 +355,7 @@ def derive(signal: np.ndarray, seeds: tuple[int, ...] = (101, 202, 303)) -> None
 
 
 def encoder_cost(signal: np.ndarray, reps: int = 5) -> None:
-    """CPU (thread time) of `MonoOpusEncoder.encode` per 20 ms frame: complexity 5 vs 10, hint 0/10.
+    """CPU (thread time) of the agent's encoder per 20 ms frame: complexity 5 vs 10, hint 0/10.
 
     The settings are interleaved and repeated; the minimum of `reps` runs is
     printed (the least disturbed by the other processes on the machine), with
@@ -365,7 +365,7 @@ def encoder_cost(signal: np.ndarray, reps: int = 5) -> None:
 
     import av
 
-    from edgeagent.call.opus import MonoOpusEncoder, OpusSettings
+    from edgeagent.call.opus import OpusSettings, new_opus_encoder
 
     tb = fractions.Fraction(1, RATE)
     frames = []
@@ -377,7 +377,7 @@ def encoder_cost(signal: np.ndarray, reps: int = 5) -> None:
     best: dict[tuple[int, int], float] = {}
     for _ in range(reps):
         for complexity, hint in cases:
-            enc = MonoOpusEncoder(OpusSettings(complexity=complexity, expected_loss_percent=hint))
+            enc = new_opus_encoder(OpusSettings(complexity=complexity, expected_loss_percent=hint))
             t0 = time.thread_time()
             for f in frames:
                 enc.encode(f)

@@ -1,4 +1,5 @@
-"""libopus's decoder through ctypes: packet-loss concealment and FEC, which PyAV cannot reach.
+"""libopus through ctypes: the decoder's packet-loss concealment and FEC, which PyAV cannot
+reach, and an encoder whose loss hint and FEC change between frames without a reopen.
 
 PyAV takes an empty packet for the end of the stream (tests/test_aiortc_pin.py), so
 through it a lost frame can only be covered after decoding, by the playout buffer's
@@ -14,9 +15,17 @@ when that packet has none). A longer gap (an outage, a sender that paused) is le
 to the playout buffer, which fades and then plays silence; it would be no use to
 extrapolate speech over it.
 
+`PcmEncoder` encodes mono 48 kHz int16 frames straight from their buffer: no PyAV frame
+conversion or filter graph per frame (at a call's 20 ms cadence a frame costs 370-540 µs
+against 550-660 through PyAV here: `bench/instructions.py --time --paced-s`), and
+`OPUS_SET_PACKET_LOSS_PERC` / `OPUS_SET_INBAND_FEC` act from the next frame, where PyAV
+had to reopen the codec. Its settings are what FFmpeg's libopus wrapper set before
+(VoIP, unconstrained VBR, the bitrate, complexity, loss hint and FEC).
+
 The library is the system's (`libopus0` on Debian and Raspberry Pi OS), found with
-`ctypes.util.find_library`. Without it `load()` returns None and calls decode through
-PyAV with the playout buffer's fade, as before: the agent logs that once and goes on.
+`ctypes.util.find_library`. Without it `load()` returns None and calls decode and encode
+through PyAV (the playout buffer's fade instead of PLC), as before: the agent logs that
+once and goes on.
 """
 
 from __future__ import annotations
@@ -78,6 +87,19 @@ def load() -> Any | None:
     lib.opus_strerror.argtypes = [ctypes.c_int]
     lib.opus_strerror.restype = ctypes.c_char_p
     lib.opus_get_version_string.restype = ctypes.c_char_p
+    lib.opus_encoder_create.argtypes = [
+        i32,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_int),
+    ]
+    lib.opus_encoder_create.restype = vp
+    lib.opus_encoder_destroy.argtypes = [vp]
+    lib.opus_encoder_destroy.restype = None
+    lib.opus_encode.argtypes = [vp, vp, ctypes.c_int, vp, i32]
+    lib.opus_encode.restype = i32
+    # opus_encoder_ctl is variadic: its arguments are passed as c_int32 at each call.
+    lib.opus_encoder_ctl.restype = ctypes.c_int
     return lib
 
 
@@ -176,3 +198,82 @@ class PlcDecoder:
         self.packets += 1
         self._expected = (ts + duration) & 0xFFFFFFFF
         return out
+
+
+APPLICATION_VOIP = 2048
+SET_BITRATE = 4002
+SET_VBR = 4006
+SET_COMPLEXITY = 4010
+SET_INBAND_FEC = 4012
+SET_PACKET_LOSS_PERC = 4014
+SET_VBR_CONSTRAINT = 4020
+_MAX_PACKET = 1500  # bytes; a 20 ms mono frame at 510 kbit/s is 1275
+
+
+class OpusEncodeError(Exception):
+    """libopus refused a frame or a setting."""
+
+
+class PcmEncoder:
+    """Mono 48 kHz Opus encoder for 20 ms int16 frames; settings can change between frames.
+
+    `encode(samples)` returns one packet per frame. `set(request, value)` applies an
+    `opus_encoder_ctl` setter (the `SET_*` constants) to the next frame. Not thread-safe.
+    """
+
+    def __init__(self, *, bitrate_bps: int, complexity: int, fec: bool, loss_percent: int) -> None:
+        lib = load()
+        if lib is None:
+            raise RuntimeError("libopus is not installed")
+        self._lib = lib
+        err = ctypes.c_int()
+        state = lib.opus_encoder_create(SAMPLE_RATE, 1, APPLICATION_VOIP, ctypes.byref(err))
+        if err.value != _OPUS_OK or not state:
+            raise RuntimeError(f"opus_encoder_create: {self._error(err.value)}")
+        self._state: ctypes.c_void_p | None = ctypes.c_void_p(state)
+        self._out = ctypes.create_string_buffer(_MAX_PACKET)
+        self._out_ptr = ctypes.addressof(self._out)
+        # What FFmpeg's libopus wrapper set (vbr "on": unconstrained VBR), so the
+        # bitstream is what the E-model's Ie was fitted on (edgeagent/quality/emodel.py).
+        for request, value in (
+            (SET_BITRATE, bitrate_bps),
+            (SET_COMPLEXITY, complexity),
+            (SET_VBR, 1),
+            (SET_VBR_CONSTRAINT, 0),
+            (SET_INBAND_FEC, int(fec)),
+            (SET_PACKET_LOSS_PERC, loss_percent),
+        ):
+            self.set(request, value)
+
+    def __del__(self) -> None:
+        state = getattr(self, "_state", None)
+        if state is not None and state.value:
+            self._lib.opus_encoder_destroy(state)
+            self._state = None
+
+    def _error(self, code: int) -> str:
+        return str(self._lib.opus_strerror(code).decode())
+
+    def set(self, request: int, value: int) -> None:
+        if self._state is None:
+            raise OpusEncodeError("encoder closed")
+        rc = self._lib.opus_encoder_ctl(self._state, ctypes.c_int(request), ctypes.c_int32(value))
+        if rc != _OPUS_OK:
+            raise OpusEncodeError(f"opus_encoder_ctl({request}, {value}): {self._error(rc)}")
+
+    def encode(self, samples: np.ndarray) -> bytes:
+        """One packet for one 20 ms frame of mono int16 samples."""
+        if self._state is None:
+            raise OpusEncodeError("encoder closed")
+        if samples.dtype != np.int16 or samples.shape != (FRAME_SAMPLES,):
+            raise ValueError(
+                f"expected {FRAME_SAMPLES} int16 samples, got {samples.dtype} {samples.shape}"
+            )
+        if not samples.flags.c_contiguous:
+            samples = np.ascontiguousarray(samples)
+        n = self._lib.opus_encode(
+            self._state, samples.ctypes.data, FRAME_SAMPLES, self._out_ptr, _MAX_PACKET
+        )
+        if n < 0:
+            raise OpusEncodeError(self._error(n))
+        return self._out.raw[:n]

@@ -10,7 +10,7 @@ no knob. Two contained changes, applied per peer connection (no global patch):
   description it signals carries the new line.
 - `install_opus_encoder` pre-sets each audio sender's encoder (aiortc creates
   one lazily only when none is set: the name-mangled `_RTCRtpSender__encoder`,
-  checked by tests/test_aiortc_pin.py) to `MonoOpusEncoder`, and gives that
+  checked by tests/test_aiortc_pin.py) to ours (below), and gives that
   sender instance an inline `_next_encoded_frame` (`InlineEncode`): aiortc
   hands every 20 ms encode to the default executor, and the thread hop cost
   about five times the encode itself (docs/profile.md); its RTP audio level
@@ -47,11 +47,15 @@ encoder CPU as thread time on a loaded 2-core x86 VM):
   4.24 and is there for links that can afford it. The resulting clean
   agent-to-agent call publishes MOS 4.02 (PESQ NB 4.18), above the "good" 3.6.
 
-libopus takes the loss hint at open time through FFmpeg (PyAV has no runtime
-ctl), so a new hint reopens the codec context between frames, primed with
-the previous frame so the first new packet carries real audio. Timestamps
-stay continuous (the packet pts follow the input pts). `LossHint` quantises
-and smooths the hint so this happens a few times per call at most.
+The encoder is `LibopusMonoEncoder`: the system libopus through ctypes
+(edgeagent/call/libopus.py), fed the frame's samples directly; a new loss hint
+or FEC setting is an `opus_encoder_ctl` between frames. Without libopus0 it is
+`MonoOpusEncoder`, libopus through PyAV, which takes the hint only at open time
+(PyAV has no runtime ctl): a new hint reopens the codec context between frames,
+primed with the previous frame so the first new packet carries real audio.
+Timestamps stay continuous either way (the packet timestamps follow the input
+pts). `LossHint` quantises and smooths the hint so it changes a few times per
+call at most.
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ from aiortc.rtcrtpsender import RTCEncodedFrame
 from av.frame import Frame
 from av.packet import Packet
 
+from edgeagent.call import libopus
+
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 48000
@@ -88,7 +94,7 @@ class OpusSettings:
     """What we send and ask for.
 
     `expected_loss_percent` None (the default) lets the hint follow the loss
-    the far end reports (`MonoOpusEncoder.set_loss_hint`); a number fixes it
+    the far end reports (the encoder's `set_loss_hint`); a number fixes it
     (the old behaviour, 10 before complexity and hint were measured).
     """
 
@@ -282,12 +288,12 @@ def _format_fmtp(params: dict[str, str]) -> str:
     return ";".join(f"{k}={v}" for k, v in params.items())
 
 
-class MonoOpusEncoder(Encoder):
-    """libopus through PyAV: mono, VoIP mode, our complexity, FEC and a loss hint that can change.
+class _AdaptiveOpusEncoder(Encoder):
+    """What both Opus encoders share: settings, a loss hint and FEC that can change, and
+    the conversion of any audio frame to the mono 48 kHz 20 ms s16 frames they encode.
 
-    `encode` runs on the event loop (`InlineEncode`; aiortc's own path calls it
-    on an executor thread, hence the lock); `set_loss_hint` and `set_fec`
-    take effect at the next frame.
+    `set_loss_hint` and `set_fec` are called on the loop and take effect at the next
+    frame (`encode` may run on aiortc's executor thread, hence the lock).
     """
 
     def __init__(self, settings: OpusSettings) -> None:
@@ -297,32 +303,9 @@ class MonoOpusEncoder(Encoder):
         self.loss_hint_percent = settings.expected_loss_percent or 0
         self.reopens = 0
         self._pending = False
-        self.codec = self._open()
-        # PyAV leaves options FFmpeg did not recognise in the dict.
-        self.unused_options = dict(self.codec.options)
-        if self.unused_options:
-            logger.warning("opus: encoder ignored options %s", self.unused_options)
         self._resampler: av.AudioResampler | None = None
         self._first_pts: int | None = None
         self._next_pts = 0
-        self._last_frame: av.AudioFrame | None = None
-
-    def _open(self) -> Any:
-        codec = av.CodecContext.create("libopus", "w")
-        codec.bit_rate = self.settings.bitrate_bps
-        codec.format = "s16"
-        codec.layout = "mono"
-        codec.sample_rate = SAMPLE_RATE
-        codec.time_base = TIME_BASE
-        codec.options = {
-            "application": "voip",
-            "frame_duration": "20",
-            "fec": "1" if self.fec else "0",
-            "packet_loss": str(self.loss_hint_percent),
-            "compression_level": str(self.settings.complexity),
-        }
-        codec.open()
-        return codec
 
     def set_loss_hint(self, percent: int) -> bool:
         """Use `percent` as the loss hint from the next frame; False if fixed or unchanged."""
@@ -345,6 +328,69 @@ class MonoOpusEncoder(Encoder):
             self._pending = True
         return True
 
+    def _mono_frames(self, frame: Frame) -> list[av.AudioFrame]:
+        """`frame` as mono 48 kHz s16 frames of 20 ms with pts (usually itself)."""
+        if not isinstance(frame, av.AudioFrame):
+            raise TypeError(f"expected an audio frame, got {type(frame).__name__}")
+        if (
+            frame.format.name == "s16"
+            and frame.layout.name == "mono"
+            and frame.sample_rate == SAMPLE_RATE
+            and frame.samples == FRAME_SAMPLES
+            and frame.pts is not None
+        ):
+            self._next_pts = int(frame.pts) + frame.samples
+            return [frame]
+        # Anything else (stereo, other rates or sizes) goes through a resampler.
+        if self._resampler is None:
+            self._resampler = av.AudioResampler(
+                format="s16", layout="mono", rate=SAMPLE_RATE, frame_size=FRAME_SAMPLES
+            )
+        frames = list(self._resampler.resample(frame))
+        for f in frames:
+            f.pts = self._next_pts
+            f.time_base = TIME_BASE
+            self._next_pts += f.samples
+        return frames
+
+    def pack(self, packet: Packet[Any]) -> tuple[list[bytes], int]:
+        return [bytes(packet)], packet.pts or 0
+
+
+class MonoOpusEncoder(_AdaptiveOpusEncoder):
+    """libopus through PyAV: mono, VoIP mode, our complexity, FEC and a loss hint that can change.
+
+    PyAV has no runtime ctl: a new hint or FEC setting reopens the codec context
+    between frames, primed with the previous frame. Used without libopus0; with it,
+    `LibopusMonoEncoder` (`new_opus_encoder` picks).
+    """
+
+    def __init__(self, settings: OpusSettings) -> None:
+        super().__init__(settings)
+        self.codec = self._open()
+        # PyAV leaves options FFmpeg did not recognise in the dict.
+        self.unused_options = dict(self.codec.options)
+        if self.unused_options:
+            logger.warning("opus: encoder ignored options %s", self.unused_options)
+        self._last_frame: av.AudioFrame | None = None
+
+    def _open(self) -> Any:
+        codec = av.CodecContext.create("libopus", "w")
+        codec.bit_rate = self.settings.bitrate_bps
+        codec.format = "s16"
+        codec.layout = "mono"
+        codec.sample_rate = SAMPLE_RATE
+        codec.time_base = TIME_BASE
+        codec.options = {
+            "application": "voip",
+            "frame_duration": "20",
+            "fec": "1" if self.fec else "0",
+            "packet_loss": str(self.loss_hint_percent),
+            "compression_level": str(self.settings.complexity),
+        }
+        codec.open()
+        return codec
+
     def _reopen(self) -> None:
         with self._lock:
             self._pending = False
@@ -358,30 +404,9 @@ class MonoOpusEncoder(Encoder):
 
     def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
         """Encode one frame; ([], 0) while the encoder buffers (the sender skips it)."""
-        if not isinstance(frame, av.AudioFrame):
-            raise TypeError(f"expected an audio frame, got {type(frame).__name__}")
+        frames = self._mono_frames(frame)
         if self._pending:
             self._reopen()
-        frames = [frame]
-        if not (
-            frame.format.name == "s16"
-            and frame.layout.name == "mono"
-            and frame.sample_rate == SAMPLE_RATE
-            and frame.samples == FRAME_SAMPLES
-            and frame.pts is not None
-        ):
-            # Anything else (stereo, other rates or sizes) goes through a resampler.
-            if self._resampler is None:
-                self._resampler = av.AudioResampler(
-                    format="s16", layout="mono", rate=SAMPLE_RATE, frame_size=FRAME_SAMPLES
-                )
-            frames = list(self._resampler.resample(frame))
-            for f in frames:
-                f.pts = self._next_pts
-                f.time_base = TIME_BASE
-                self._next_pts += f.samples
-        else:
-            self._next_pts = int(frame.pts) + frame.samples
         packets = []
         for f in frames:
             packets += self.codec.encode(f)
@@ -394,8 +419,58 @@ class MonoOpusEncoder(Encoder):
             self._first_pts = first  # libopus starts at -preskip
         return [bytes(p) for p in packets], first - self._first_pts
 
-    def pack(self, packet: Packet[Any]) -> tuple[list[bytes], int]:
-        return [bytes(packet)], packet.pts or 0
+
+class LibopusMonoEncoder(_AdaptiveOpusEncoder):
+    """The same encoder through the system libopus (`libopus.PcmEncoder`), no PyAV per frame.
+
+    Same settings as `MonoOpusEncoder` (VoIP, unconstrained VBR, bitrate, complexity,
+    FEC, loss hint); a new hint or FEC setting is an `opus_encoder_ctl` before the next
+    frame, so the encoder keeps its state (no reopen). One packet per 20 ms frame;
+    RTP timestamps are the frames' pts from the first one, so dropped capture frames
+    show as gaps.
+    """
+
+    def __init__(self, settings: OpusSettings) -> None:
+        super().__init__(settings)
+        self.codec = libopus.PcmEncoder(
+            bitrate_bps=settings.bitrate_bps,
+            complexity=settings.complexity,
+            fec=self.fec,
+            loss_percent=self.loss_hint_percent,
+        )
+
+    def _apply(self) -> None:
+        with self._lock:
+            self._pending = False
+            fec, hint = self.fec, self.loss_hint_percent
+        self.codec.set(libopus.SET_INBAND_FEC, int(fec))
+        self.codec.set(libopus.SET_PACKET_LOSS_PERC, hint)
+        logger.debug("opus: encoder now fec=%s loss hint %d %%", fec, hint)
+
+    def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
+        """Encode one frame: its packet and RTP timestamp; ([], 0) while a resampler buffers."""
+        frames = self._mono_frames(frame)
+        if self._pending:
+            self._apply()
+        if not frames:
+            return [], 0
+        payloads = [
+            self.codec.encode(
+                np.frombuffer(memoryview(f.planes[0]), dtype=np.int16, count=FRAME_SAMPLES)
+            )
+            for f in frames
+        ]
+        first = int(frames[0].pts or 0)
+        if self._first_pts is None:
+            self._first_pts = first
+        return payloads, (first - self._first_pts) & 0xFFFFFFFF
+
+
+def new_opus_encoder(settings: OpusSettings) -> MonoOpusEncoder | LibopusMonoEncoder:
+    """The agent's Opus encoder: through the system libopus when installed, else PyAV."""
+    if libopus.load() is not None:
+        return LibopusMonoEncoder(settings)
+    return MonoOpusEncoder(settings)
 
 
 _MAX_SAMPLE = 32767
@@ -497,7 +572,8 @@ def install_inline_encode(sender: RTCRtpSender) -> InlineEncode:
 
 
 def install_opus_encoder(pc: RTCPeerConnection, settings: OpusSettings) -> int:
-    """Give every audio sender of `pc` that negotiated Opus a `MonoOpusEncoder`, encoding inline.
+    """Give every audio sender of `pc` that negotiated Opus our encoder (`new_opus_encoder`),
+    encoding inline.
 
     Call after `setRemoteDescription` (the negotiated codecs are known then)
     and before media flows. Returns how many senders were set up; a sender
@@ -514,13 +590,13 @@ def install_opus_encoder(pc: RTCPeerConnection, settings: OpusSettings) -> int:
         if not hasattr(sender, SENDER_ENCODER_ATTR):
             raise RuntimeError("aiortc RTCRtpSender has no encoder attribute: version drift")
         current = getattr(sender, SENDER_ENCODER_ATTR)
-        if isinstance(current, MonoOpusEncoder):
+        if isinstance(current, _AdaptiveOpusEncoder):
             count += 1
             continue
         if current is not None:
             logger.warning("opus: sender already encoding; leaving aiortc's encoder")
             continue
-        setattr(sender, SENDER_ENCODER_ATTR, MonoOpusEncoder(settings))
+        setattr(sender, SENDER_ENCODER_ATTR, new_opus_encoder(settings))
         install_inline_encode(sender)
         count += 1
     return count
@@ -537,11 +613,11 @@ def send_audio_level(pc: RTCPeerConnection, enabled: bool) -> int:
     return count
 
 
-def opus_encoders(pc: RTCPeerConnection) -> list[MonoOpusEncoder]:
+def opus_encoders(pc: RTCPeerConnection) -> list[MonoOpusEncoder | LibopusMonoEncoder]:
     """Our encoders on the senders of `pc` (after `install_opus_encoder`)."""
-    found = []
+    found: list[MonoOpusEncoder | LibopusMonoEncoder] = []
     for transceiver in pc.getTransceivers():
         encoder = getattr(transceiver.sender, SENDER_ENCODER_ATTR, None)
-        if isinstance(encoder, MonoOpusEncoder):
+        if isinstance(encoder, MonoOpusEncoder | LibopusMonoEncoder):
             found.append(encoder)
     return found

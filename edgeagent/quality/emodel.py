@@ -22,7 +22,7 @@ then silence.
 
 Fitted the way quality.md's Bpl values were (P.834 style: PESQ NB of libopus
 output under seeded random loss, Ie_eff = 93.2 - R(PESQ), Bpl solved from
-Ie_eff = Ie + (95 - Ie) Ppl / (Ppl + Bpl)): our `MonoOpusEncoder` with its
+Ie_eff = Ie + (95 - Ie) Ppl / (Ppl + Bpl)): our Opus encoder with its
 defaults (32 kbit/s, complexity 10, loss hint 0, so no FEC), decoded and played
 through `PlayoutBuffer`, 1-20 % loss x 3 seeds, median of 15 fits (6.3-14.8).
 Lower than the 14.6 fitted for complexity 5 with a fixed 10 % hint: PESQ under
@@ -81,9 +81,12 @@ OPUS_IE_BY_COMPLEXITY: dict[int, tuple[tuple[float, float], ...]] = {
     5: ((16.0, 34.9), (24.0, 26.1), (32.0, 19.5), (48.0, 11.0), (64.0, 5.3)),
     10: ((16.0, 25.6), (24.0, 15.9), (32.0, 10.7), (48.0, 7.0), (64.0, 0.0)),
 }
-"""(kbit/s, Ie) of our `MonoOpusEncoder` (voip, mono, 20 ms, loss hint 0 so no FEC
+"""(kbit/s, Ie) of our Opus encoder (voip, mono, 20 ms, loss hint 0 so no FEC
 bits) at complexity 5 and 10, from PESQ NB at 0 % loss through `PlayoutBuffer`:
-Ie = 93.2 - R(MOS-LQO) (`bench/mos_vs_pesq.py --derive`). 64 kbit/s at
+Ie = 93.2 - R(MOS-LQO) (`bench/mos_vs_pesq.py --derive`). Fitted with PyAV's
+libopus build (`MonoOpusEncoder`); the system libopus 1.3.1 through ctypes, which
+the agent now encodes with (`LibopusMonoEncoder`), gives every point within 1.4
+(2026-11-27: 32 kbit/s complexity 10, Ie 11.1 against 10.7). 64 kbit/s at
 complexity 10 scored PESQ NB 4.45, above what the narrowband E-model can
 express (4.41): Ie 0.
 
