@@ -109,7 +109,24 @@ def version() -> str | None:
     return None if lib is None else str(lib.opus_get_version_string().decode())
 
 
-class PlcDecoder:
+class _Handle:
+    """A libopus encoder or decoder state, destroyed with its owner."""
+
+    _destroy = ""  # the libopus function that frees the state
+    _lib: Any
+    _state: ctypes.c_void_p | None
+
+    def __del__(self) -> None:
+        state = getattr(self, "_state", None)
+        if state is not None and state.value:
+            getattr(self._lib, self._destroy)(state)
+            self._state = None
+
+    def _error(self, code: int) -> str:
+        return str(self._lib.opus_strerror(code).decode())
+
+
+class PlcDecoder(_Handle):
     """Mono 48 kHz Opus decoder that conceals lost packets (PLC) and recovers them (FEC).
 
     `decode` takes what aiortc's jitter buffer hands a decoder (`.data`, `.timestamp`)
@@ -120,6 +137,8 @@ class PlcDecoder:
     next packet's LBRR when it carried one (libopus 1.3 cannot say whether it did),
     PLC otherwise. With `fec=False` every lost frame is PLC.
     """
+
+    _destroy = "opus_decoder_destroy"
 
     def __init__(self, max_gap_ms: float = 100.0, *, fec: bool = True) -> None:
         lib = load()
@@ -142,15 +161,6 @@ class PlcDecoder:
         self.plc_frames = 0
         self.fec_frames = 0
         self.long_gaps = 0  # gaps over max_gap, left to the playout buffer
-
-    def __del__(self) -> None:
-        state = getattr(self, "_state", None)
-        if state is not None and state.value:
-            self._lib.opus_decoder_destroy(state)
-            self._state = None
-
-    def _error(self, code: int) -> str:
-        return str(self._lib.opus_strerror(code).decode())
 
     def _run(self, data: bytes | None, samples: int, fec: bool) -> np.ndarray:
         if self._state is None:
@@ -214,12 +224,14 @@ class OpusEncodeError(Exception):
     """libopus refused a frame or a setting."""
 
 
-class PcmEncoder:
+class PcmEncoder(_Handle):
     """Mono 48 kHz Opus encoder for 20 ms int16 frames; settings can change between frames.
 
     `encode(samples)` returns one packet per frame. `set(request, value)` applies an
     `opus_encoder_ctl` setter (the `SET_*` constants) to the next frame. Not thread-safe.
     """
+
+    _destroy = "opus_encoder_destroy"
 
     def __init__(self, *, bitrate_bps: int, complexity: int, fec: bool, loss_percent: int) -> None:
         lib = load()
@@ -244,15 +256,6 @@ class PcmEncoder:
             (SET_PACKET_LOSS_PERC, loss_percent),
         ):
             self.set(request, value)
-
-    def __del__(self) -> None:
-        state = getattr(self, "_state", None)
-        if state is not None and state.value:
-            self._lib.opus_encoder_destroy(state)
-            self._state = None
-
-    def _error(self, code: int) -> str:
-        return str(self._lib.opus_strerror(code).decode())
 
     def set(self, request: int, value: int) -> None:
         if self._state is None:
