@@ -121,6 +121,17 @@ async def test_injected_loss_lowers_mos_fires_mos_and_loss_alerts_and_resolves_t
             ]
             assert states == ["firing", "resolved"], (name, states)
         await a.calls_mgr.hangup()
+        summary = await c.wait_for(
+            lambda ms: [
+                m.json() for m in ms if m.topic.endswith(f"dev-a/calls/{call.call_id}/summary")
+            ]
+        )
+        # The summary says FEC covered the loss both ways, with which codec build.
+        opus = summary[0]["opus"]
+        assert opus["encoder"].startswith("libopus ") and opus["decoder"] == "libopus_plc"
+        assert opus["fec_to_far_end"] and opus["fec_sent"] and opus["fec_from_far_end"]
+        assert opus["max_loss_hint_pct"] >= 10  # 20 % loss reported by dev-b
+        assert (opus["bitrate_kbps"], opus["complexity"]) == (32.0, 10)
     for m in c.messages:
         if "/alerts/" in m.topic or "/calls/" in m.topic:
             assert_valid(m.topic, m.payload)

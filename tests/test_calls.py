@@ -54,6 +54,12 @@ async def test_two_agents_call_each_other_with_audio_both_ways(
     assert sa[0]["call_id"] == sb[0]["call_id"] == call.call_id
     assert sa[0]["trace_id"] == sb[0]["trace_id"] is not None  # carried in the offer
     assert sa[0]["setup_ms"] is not None and sa[0]["ice"]["local_type"] == "host"
+    # Two agents with libopus: each would send the other FEC, none was needed (no loss).
+    for summary in (sa[0], sb[0]):
+        opus = summary["opus"]
+        assert opus["fec_to_far_end"] and opus["fec_from_far_end"]
+        assert not opus["fec_sent"] and opus["max_loss_hint_pct"] == 0
+        assert opus["decoder"] == "libopus_plc"
     # Lifecycle events in order, on each side.
     ev_a = categories(c.messages, "dev-a")
     ev_b = categories(c.messages, "dev-b")

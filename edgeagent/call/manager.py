@@ -592,6 +592,7 @@ class CallManager:
             ice=p.IcePair(local_type=local, remote_type=remote),
             started_ts=round(call.started_wall, 3),
             playout=playout,
+            opus=p.OpusSummary(**session.opus_summary()) if session else None,
         )
         self.publisher.spool(
             self.topics.summary(call.call_id),

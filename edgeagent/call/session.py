@@ -31,6 +31,7 @@ from edgeagent.call.ice import (
     without_stun,
 )
 from edgeagent.call.opus import (
+    LibopusMonoEncoder,
     LossHint,
     OpusSettings,
     far_end_decodes_fec,
@@ -93,6 +94,8 @@ class SessionRecord:
     audio_issues: dict[str, int] = field(default_factory=dict)
     connected_at: float | None = None
     first_media_at: float | None = None
+    fec_sent: bool = False  # FEC went into our packets at some point (loss hint > 0)
+    max_loss_hint: int = 0
 
 
 def opus_settings(cfg: Config) -> OpusSettings:
@@ -167,6 +170,7 @@ class CallSession:
         self.far_end_ours = False  # set from the remote SDP (`_after_remote`)
         self.fec_to_far_end = False
         self.fec_from_far_end = False  # the far end sends FEC under loss (it decodes FEC)
+        self.encoder_name = "pyav"  # or libopus's version string (`_after_remote`)
         audio = cfg.audio
         self.capture = AlsaCapture(audio.capture_device, clock=clock, paced=audio.paced)
         self.playout = PlayoutBuffer(
@@ -384,6 +388,10 @@ class CallSession:
         if self.sink is not None:
             connect_sink(self.pc, self.sink)
         install_opus_encoder(self.pc, self.opus)
+        # Named now: aiortc drops a sender's encoder when the call ends.
+        encoders = opus_encoders(self.pc)
+        if encoders and isinstance(encoders[0], LibopusMonoEncoder):
+            self.encoder_name = libopus.version() or "libopus"
         # aiortc's receiver never reads the RTP audio level: skip it for our agents.
         send_audio_level(self.pc, not self.far_end_ours)
         self.fec_to_far_end = self.opus.fec and far_end_decodes_fec(remote_sdp)
@@ -524,7 +532,22 @@ class CallSession:
             if encoder.set_loss_hint(hint):
                 logger.info("call %s: opus loss hint now %d %%", self.call_id, hint)
             fec_sent |= encoder.fec and encoder.loss_hint_percent > 0
+            self.record.max_loss_hint = max(self.record.max_loss_hint, encoder.loss_hint_percent)
+        self.record.fec_sent |= fec_sent
         return fec_sent
+
+    def opus_summary(self) -> dict[str, Any]:
+        """The summary's `opus` object: encoder, decoder and whether FEC flowed."""
+        return {
+            "encoder": self.encoder_name,
+            "decoder": "libopus_plc" if self.decodes_with_plc() else "pyav_fade",
+            "bitrate_kbps": self.opus.bitrate_bps / 1000.0,
+            "complexity": self.opus.complexity,
+            "fec_to_far_end": self.fec_to_far_end,
+            "fec_sent": self.record.fec_sent,
+            "max_loss_hint_pct": self.record.max_loss_hint,
+            "fec_from_far_end": self.fec_from_far_end,
+        }
 
     def _report_health(self) -> None:
         last = self.record.samples[-1] if self.record.samples else None

@@ -152,6 +152,19 @@ class IcePair(msgspec.Struct, kw_only=True):
     remote_type: str | None
 
 
+class OpusSummary(msgspec.Struct, kw_only=True):
+    """How Opus ran in a call, so an operator can tell whether loss was covered by FEC."""
+
+    encoder: str  # "libopus <version>" through ctypes, or "pyav"
+    decoder: str  # "libopus_plc" (PLC and FEC) or "pyav_fade" (the playout buffer's fade)
+    bitrate_kbps: float
+    complexity: int
+    fec_to_far_end: bool  # the far end decodes in-band FEC, so we send it under loss
+    fec_sent: bool  # a loss hint above 0 put FEC into our packets during the call
+    max_loss_hint_pct: int
+    fec_from_far_end: bool  # the far end sends FEC under loss (what the MOS model assumes)
+
+
 class Summary(_Payload):
     seq: int
     call_id: str
@@ -172,6 +185,7 @@ class Summary(_Payload):
     ice: IcePair
     started_ts: float | None = None
     playout: dict[str, Any] | None = None
+    opus: OpusSummary | None = None
 
 
 class Traces(_Payload):
