@@ -178,3 +178,42 @@ async def test_clipping_source_fires_clipping_alert_and_event(
         )
         assert any(k.endswith("clipping") for k in summary[0]["audio_issues"])
     assert not alerts(c.messages, "dev-a", "no_audio", "firing")
+
+
+async def test_the_echo_peer_conceals_loss_and_sends_fec_back_like_an_agent(
+    tmp_path: Path,
+    broker: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from edgeagent.call.opus import opus_encoders
+    from edgeagent.call.tracks import receive_decoders
+
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 60, -20.0))
+    cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa)
+    async with (
+        lossy_link(
+            broker.port,
+            a="dev-a",
+            b="echo",
+            a_to_b=Direction(loss=0.15, seed=5),
+            b_to_a=Direction(loss=0.15, seed=6),
+        ) as (relay, proxy),
+        echo_peer(cfg_e) as echo,
+        running(cfg_a, **SEAMS) as a,
+    ):
+        await a.calls_mgr.dial(proxy.alias_b)
+        pc = (await until(lambda: list(echo.calls.values()), timeout=10))[0]
+
+        def echo_fec_frames() -> int:
+            return sum(d.plc.fec_frames for d in receive_decoders(pc) if d.plc is not None)
+
+        # The echo peer decodes dev-a's FEC (its SDP said it could) ...
+        await until(lambda: echo_fec_frames() > 0, timeout=20)
+        # ... and, seeing dev-a's loss reports, sends FEC back, which dev-a decodes.
+        await until(lambda: any(e.fec and e.loss_hint_percent > 0 for e in opus_encoders(pc)))
+        session = a.calls_mgr.active.session if a.calls_mgr.active else None
+        assert session is not None and session.fec_to_far_end and session.fec_from_far_end
+        await until(lambda: session.decoder_concealment()[1] > 0, timeout=20)
+        assert relay.a_to_b.rtp_dropped > 0 and relay.b_to_a.rtp_dropped > 0
+        await a.calls_mgr.hangup()

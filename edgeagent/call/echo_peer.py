@@ -2,7 +2,10 @@
 
 Used by operators (`edgeagent echo-peer`), tests, benches and the `call_test`
 command. It speaks the same signaling as a device and uses the same receive
-path and Opus settings, so what comes back went through a real call both ways.
+path and Opus settings, so what comes back went through a real call both ways:
+lost packets are concealed with libopus PLC and recovered from the caller's FEC,
+its SDP says it decodes FEC (`a=tool:edgeagent/... opus-fec`, with libopus0), and
+it sends FEC back under the loss the caller reports, as an agent does.
 """
 
 from __future__ import annotations
@@ -16,20 +19,32 @@ from typing import Any
 
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 
+from edgeagent import __version__
+from edgeagent.call import libopus
 from edgeagent.call import signaling as sig
 from edgeagent.call.ice import ice_configuration, restrict_host_addresses
-from edgeagent.call.opus import install_opus_encoder, munge_sdp
+from edgeagent.call.opus import (
+    LossHint,
+    far_end_decodes_fec,
+    far_end_uses_fec,
+    install_opus_encoder,
+    mark_sdp,
+    munge_sdp,
+    opus_encoders,
+)
 from edgeagent.call.session import opus_settings
 from edgeagent.call.tracks import install_receive_path
 from edgeagent.config import Config
 from edgeagent.events import EventBus
 from edgeagent.mqtt import BrokerLink, BrokerUnavailable, Inbound, SessionCounter
+from edgeagent.quality.stats import NetworkStats, normalise, window
 from edgeagent.telemetry import payloads as p
 from edgeagent.telemetry.topics import Topics
 
 logger = logging.getLogger(__name__)
 
 MAX_CALLS = 8
+LOSS_HINT_INTERVAL_S = 1.0  # how often the loss the caller reports steers our FEC
 
 
 class EchoPeer:
@@ -126,8 +141,15 @@ class EchoPeer:
             for track in tracks:
                 if track.kind == "audio":
                     pc.addTrack(track)  # the echo: the caller's own audio goes back
-            install_receive_path(pc)
+            # Mono Opus with PLC (and FEC from a caller that sends it), as frames for
+            # the encoder that sends them back.
+            install_receive_path(
+                pc, mono_opus=True, opus_fec=far_end_uses_fec(offer.sdp), as_frames=True
+            )
             install_opus_encoder(pc, opus)
+            fec_to_caller = opus.fec and far_end_decodes_fec(offer.sdp)
+            for encoder in opus_encoders(pc):
+                encoder.set_fec(fec_to_caller)
             answer = await pc.createAnswer()
             restrict_host_addresses(
                 pc, ice.host_addresses or None, gather_timeout_s=ice.gather_timeout_s
@@ -142,7 +164,30 @@ class EchoPeer:
             self._send("reject", offer.from_, offer.call_id, reason="error")
             return
         self.answered += 1
-        self._send("answer", offer.from_, offer.call_id, sdp=pc.localDescription.sdp)
+        sdp = mark_sdp(pc.localDescription.sdp, __version__, decodes_fec=libopus.load() is not None)
+        self._send("answer", offer.from_, offer.call_id, sdp=sdp)
+        if fec_to_caller:
+            self._spawn(self._follow_loss(offer.call_id, pc, LossHint()))
+
+    async def _follow_loss(self, call_id: str, pc: RTCPeerConnection, hint: LossHint) -> None:
+        """Set the encoder's loss hint from the loss the caller reports, while the call lasts."""
+        prev: NetworkStats | None = None
+        loop = asyncio.get_running_loop()
+        while self.calls.get(call_id) is pc:
+            await asyncio.sleep(LOSS_HINT_INTERVAL_S)
+            if self.calls.get(call_id) is not pc:
+                return
+            try:
+                cur = normalise(await pc.getStats(), at_s=loop.time())
+            except Exception as exc:  # noqa: BLE001 - stats of a closing pc: stop following
+                logger.debug("echo peer: call %s: no stats: %s", call_id, exc)
+                return
+            if prev is not None:
+                percent = hint.update(window(prev, cur).remote_loss_pct)
+                for encoder in opus_encoders(pc):
+                    if encoder.set_loss_hint(percent):
+                        logger.info("echo peer: call %s: opus loss hint %d %%", call_id, percent)
+            prev = cur
 
     def _send(self, kind: str, to: str, call_id: str, **fields: Any) -> None:
         out = sig.build(

@@ -292,10 +292,18 @@ class InlineDecodeQueue:
     """
 
     def __init__(
-        self, receiver: RTCRtpReceiver, *, mono_opus: bool = False, opus_fec: bool = True
+        self,
+        receiver: RTCRtpReceiver,
+        *,
+        mono_opus: bool = False,
+        opus_fec: bool = True,
+        as_frames: bool = False,
     ) -> None:
         self._receiver = weakref.ref(receiver)
         self.mono_opus = mono_opus
+        # PlcDecoder's DecodedAudio as av.AudioFrames on the track, for a consumer that
+        # needs frames (the echo peer relays the track to its sender's encoder).
+        self.as_frames = as_frames
         self.opus_fec = opus_fec  # PlcDecoder: recover from the far end's in-band FEC
         # Where decoded frames go instead of the remote track's queue (`connect_sink`).
         self.deliver: Callable[[Any], None] | None = None
@@ -340,6 +348,8 @@ class InlineDecodeQueue:
                 return  # aiortc starts decoding only once the remote track exists
             output = self._output = track._queue
         for frame in frames:
+            if self.as_frames and isinstance(frame, DecodedAudio):
+                frame = decoded_to_frame(frame)
             output.put_nowait(frame)
 
     def get(self) -> None:
@@ -360,6 +370,16 @@ class InlineDecodeQueue:
         return self._decoder if isinstance(self._decoder, PlcDecoder) else None
 
 
+def decoded_to_frame(audio: DecodedAudio) -> av.AudioFrame:
+    """Decoded mono 48 kHz samples as an s16 `av.AudioFrame` with the RTP timestamp as pts."""
+    frame = av.AudioFrame(format="s16", layout="mono", samples=audio.samples.size)
+    frame.planes[0].update(np.ascontiguousarray(audio.samples, dtype=np.int16))  # type: ignore[arg-type]
+    frame.sample_rate = SAMPLE_RATE
+    frame.pts = audio.timestamp
+    frame.time_base = TIME_BASE
+    return frame
+
+
 @functools.cache
 def _warn_no_libopus() -> None:
     logger.warning(
@@ -369,7 +389,11 @@ def _warn_no_libopus() -> None:
 
 
 def inline_decode(
-    receiver: RTCRtpReceiver, *, mono_opus: bool = False, opus_fec: bool = True
+    receiver: RTCRtpReceiver,
+    *,
+    mono_opus: bool = False,
+    opus_fec: bool = True,
+    as_frames: bool = False,
 ) -> InlineDecodeQueue | None:
     """Make an audio receiver decode on the loop (idempotent); None once its thread runs."""
     current = getattr(receiver, RECEIVER_DECODER_QUEUE_ATTR, None)
@@ -379,18 +403,24 @@ def inline_decode(
         return current
     if getattr(receiver, RECEIVER_DECODER_THREAD_ATTR) is not None:
         return None  # already receiving through aiortc's thread: leave it
-    inline = InlineDecodeQueue(receiver, mono_opus=mono_opus, opus_fec=opus_fec)
+    inline = InlineDecodeQueue(
+        receiver, mono_opus=mono_opus, opus_fec=opus_fec, as_frames=as_frames
+    )
     setattr(receiver, RECEIVER_DECODER_QUEUE_ATTR, inline)
     return inline
 
 
 def install_receive_path(
-    pc: RTCPeerConnection, *, mono_opus: bool = False, opus_fec: bool = True
+    pc: RTCPeerConnection,
+    *,
+    mono_opus: bool = False,
+    opus_fec: bool = True,
+    as_frames: bool = False,
 ) -> list[ArrivalOrderBuffer]:
     """Bypass the jitter buffer of every audio receiver of `pc` and decode inline
     (Opus to mono with `mono_opus`, through libopus with PLC where it is installed:
     for a consumer that downmixes anyway; `opus_fec` False for a far end that sends
-    no in-band FEC).
+    no in-band FEC; `as_frames` to get `av.AudioFrame`s on the track from PlcDecoder).
 
     Call after `setRemoteDescription` (the answerer's transceivers are created
     there) and before media flows; calling again is harmless.
@@ -399,7 +429,7 @@ def install_receive_path(
     for t in pc.getTransceivers():
         if t.kind == "audio":
             buffers.append(bypass_jitter_buffer(t.receiver))
-            inline_decode(t.receiver, mono_opus=mono_opus, opus_fec=opus_fec)
+            inline_decode(t.receiver, mono_opus=mono_opus, opus_fec=opus_fec, as_frames=as_frames)
     return buffers
 
 
