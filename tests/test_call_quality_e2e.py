@@ -35,6 +35,17 @@ clear_for_s = 1.0
 SEAMS: dict[str, Any] = {"install_crash_hooks": False}
 
 
+def lossy_path(broker_port: int, b: str, loss: float, *, seed: int) -> Any:
+    """dev-a to `b` through the lossy relay, `loss` each way (seeds `seed`, `seed` + 1)."""
+    return lossy_link(
+        broker_port,
+        a="dev-a",
+        b=b,
+        a_to_b=Direction(loss=loss, seed=seed),
+        b_to_a=Direction(loss=loss, seed=seed + 1),
+    )
+
+
 def alerts(messages: list[Any], device: str, name: str, state: str) -> list[dict[str, Any]]:
     return [
         m.json()
@@ -62,13 +73,7 @@ async def test_injected_loss_lowers_mos_fires_mos_and_loss_alerts_and_resolves_t
     )
     async with (
         collector(broker.port, "edge/v1/#") as c,
-        lossy_link(
-            broker.port,
-            a="dev-a",
-            b="dev-b",
-            a_to_b=Direction(loss=0.2, seed=3),
-            b_to_a=Direction(loss=0.2, seed=4),
-        ) as (relay, proxy),
+        lossy_path(broker.port, "dev-b", 0.2, seed=3) as (relay, proxy),
         running(cfg_b, **SEAMS),
         running(cfg_a, **SEAMS) as a,
     ):
@@ -192,13 +197,7 @@ async def test_the_echo_peer_conceals_loss_and_sends_fec_back_like_an_agent(
     cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 60, -20.0))
     cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa)
     async with (
-        lossy_link(
-            broker.port,
-            a="dev-a",
-            b="echo",
-            a_to_b=Direction(loss=0.15, seed=5),
-            b_to_a=Direction(loss=0.15, seed=6),
-        ) as (relay, proxy),
+        lossy_path(broker.port, "echo", 0.15, seed=5) as (relay, proxy),
         echo_peer(cfg_e) as echo,
         running(cfg_a, **SEAMS) as a,
     ):
