@@ -158,6 +158,17 @@ def test_quality_score_falls_with_latency_and_loss() -> None:
     assert quality_score(None, None)["mos"] is None
 
 
+def test_quality_score_uses_the_calls_codec_and_concealment() -> None:
+    from edgeagent.quality import emodel
+
+    plain = quality_score(120.0, 5.0)  # no codec impairment, silence on loss
+    codec = quality_score(120.0, 0.0, ie=emodel.opus_ie(32.0, 10))
+    assert codec["mos"] < quality_score(120.0, 0.0)["mos"]
+    fec = quality_score(120.0, 5.0, bpl=emodel.BPL_OPUS_PLC_FEC)
+    plc = quality_score(120.0, 5.0, bpl=emodel.BPL_OPUS_PLC)
+    assert fec["mos"] > plc["mos"] > plain["mos"]  # concealment is worth MOS under loss
+
+
 # --- end to end --------------------------------------------------------------------------------
 
 
@@ -189,6 +200,11 @@ async def _signed_call_test(
     assert -35 < levels["mic_dbfs"] < -25 and levels["mic_clipping_pct"] == 0.0
     assert levels["issues"] == []
     assert 3.5 < r["quality_score"] <= 4.5 and r["quality"]["loss_pct"] == 0.0
+    # Scored with the model of the call's own quality messages: our codec's Ie and the
+    # concealment of a far end that sends FEC (the echo peer does, as an agent would).
+    model = r["quality"]["model"]
+    assert model["concealment"] == "opus_plc_fec" and model["ie"] == pytest.approx(10.7)
+    assert r["opus"]["fec_to_far_end"] and r["opus"]["decoder"] == "libopus_plc"
     leds = r["leds"]
     assert leds["states"][:2] == ["connecting", "good"] and leds["states"][-1] == "idle"
     assert leds["in_call"]["state"] == "good", json.dumps(r)

@@ -314,12 +314,22 @@ def measure_round_trip(
     )
 
 
-def quality_score(round_trip_ms: float | None, loss_pct: float | None) -> dict[str, Any]:
-    """E-model R and MOS from the measured round trip (one way: half, plus device buffers)."""
+def quality_score(
+    round_trip_ms: float | None,
+    loss_pct: float | None,
+    *,
+    ie: float = 0.0,
+    bpl: float = emodel.BPL_SILENCE_ON_LOSS,
+) -> dict[str, Any]:
+    """E-model R and MOS from the measured round trip (one way: half, plus device buffers).
+
+    `ie` and `bpl` are the call's codec and concealment (`model_of`), so the score is
+    on the scale of the call's own quality messages; the defaults assume neither.
+    """
     if round_trip_ms is None:
         return {"mos": None, "r_factor": None, "one_way_delay_ms": None, "loss_pct": loss_pct}
     one_way = round_trip_ms / 2 + emodel.DEFAULT_DEVICE_MS
-    r = emodel.r_factor(one_way, loss_pct or 0.0)
+    r = emodel.r_factor(one_way, loss_pct or 0.0, ie=ie, bpl=bpl)
     return {
         "mos": round(emodel.mos_from_r(r), 2),
         "r_factor": round(r, 1),
@@ -460,7 +470,13 @@ async def run_call_test(
         trip.bursts_sent,
         trip.verdict,
     )
-    score = quality_score(trip.round_trip_ms, device.get("loss_pct"))
+    model = device.get("model", {})
+    score = quality_score(
+        trip.round_trip_ms,
+        device.get("loss_pct"),
+        ie=model.get("ie", 0.0),
+        bpl=model.get("bpl", emodel.BPL_SILENCE_ON_LOSS),
+    )
     return {
         "call_id": call.call_id,
         "peer": call.peer,
@@ -493,9 +509,21 @@ async def run_call_test(
             "correlation": trip.correlation,
             **device.get("echo", {}),
         },
-        "quality": {**score, **device.get("network", {})},
+        "quality": {**score, **device.get("network", {}), **({"model": model} if model else {})},
+        **({"opus": device["opus"]} if "opus" in device else {}),
         "leds": {"states": states, "in_call": in_call, "after": after},
         "signal": program.describe(),
+    }
+
+
+def model_of(session: CallSession) -> dict[str, Any]:
+    """The E-model inputs the session's own quality messages use: Ie of our Opus
+    settings and Bpl of our concealment (PLC, with the far end's FEC when it sends it)."""
+    handling = emodel.own_loss_handling(session.decodes_with_plc(), fec=session.fec_from_far_end)
+    return {
+        "ie": emodel.opus_ie(session.opus.bitrate_bps / 1000.0, session.opus.complexity),
+        "bpl": emodel.BPL[handling],
+        "concealment": str(handling),
     }
 
 
@@ -536,4 +564,6 @@ async def _device_view(
         },
         "loss_pct": loss,
         "network": net,
+        "model": model_of(session),
+        "opus": session.opus_summary(),
     }
