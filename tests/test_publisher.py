@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -266,3 +267,32 @@ async def test_drain_to_mosquitto_in_order_with_grouped_acks(tmp_path: Path, bro
 async def _until_empty(spool: Spool) -> None:
     while spool.stats().pending:
         await asyncio.sleep(0.01)
+
+
+def test_a_spool_drop_range_is_reported_even_when_events_are_rate_limited(
+    tmp_path: Path,
+) -> None:
+    """The spool fills when events flood: its drop report must still name the range."""
+    with Spool(tmp_path / "spool.db", max_messages=4) as spool:
+        publisher = Publisher(
+            LinkTwin(),  # type: ignore[arg-type]
+            spool,
+            TOPICS,
+            Breadcrumbs(),
+            wall=lambda: 1_700_000_000.0,
+            monotonic=lambda: 0.0,  # the bucket never refills
+            events_rate_per_s=1.0,
+            events_burst=2,
+        )
+        for i in range(3):  # the bucket is empty after two
+            publisher.event("info", "test.flood", f"event {i}")
+        put_seqs(publisher, 5)  # seqs 3-7: the count cap drops 1-3
+        publisher.report_spool_drops()
+        entries = spool.pending(limit=10)
+        drops = [json.loads(e.payload) for e in entries if e.topic == TOPICS.events]
+        drops = [d for d in drops if isinstance(d, dict) and d.get("category") == "spool"]
+        assert len(drops) == 1
+        assert drops[0]["level"] == "error"
+        assert (drops[0]["data"]["first_seq"], drops[0]["data"]["last_seq"]) == (1, 3)
+        # Taken once, reported once (spooling the report under the cap drops more: new range).
+        assert all(r.first_seq > 3 for r in spool.take_drop_reports())

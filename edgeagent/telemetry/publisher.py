@@ -114,12 +114,17 @@ class Publisher:
         call_id: str | None = None,
         trace_id: str | None = None,
         crumb: bool = True,
+        limited: bool = True,
     ) -> int | None:
-        """Record a breadcrumb and stream it on `events` (rate limited, never silently)."""
+        """Record a breadcrumb and stream it on `events` (rate limited, never silently).
+
+        `limited=False` streams it whatever the bucket holds: for reports that must not be
+        reduced to a count, such as the seq ranges the spool dropped.
+        """
         ts = self.ts()
         if crumb:
             self._crumbs.add(Crumb(ts, level, category, message, data, call_id, trace_id))
-        if not self._bucket.take():
+        if limited and not self._bucket.take():
             self._suppressed[category] = self._suppressed.get(category, 0) + 1
             return None
         if self._suppressed:
@@ -169,7 +174,11 @@ class Publisher:
         )
 
     def report_spool_drops(self) -> None:
-        """Turn the spool's dropped ranges into `spool` events (protocol section 2)."""
+        """Turn the spool's dropped ranges into `spool` events (protocol section 2).
+
+        Not rate limited: the spool fills when events flood, and a suppressed report would
+        leave only a count where the protocol promises the range (the rows are marked
+        reported once taken)."""
         for drop in self._spool.take_drop_reports():
             self.event(
                 "error",
@@ -181,6 +190,7 @@ class Publisher:
                     "count": drop.count,
                     "reason": drop.reason,
                 },
+                limited=False,
             )
 
     # --- volatile -------------------------------------------------------------------------
