@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 
 import pytest
@@ -185,3 +186,42 @@ def test_first_window_and_stalled_and_duplicate_reports() -> None:
     w = window(first, stalled)
     assert w.loss_pct is None  # nothing expected: media stalled, no loss figure
     assert w.packets_received == 0 and w.packets_lost == 0
+
+
+async def test_the_first_quality_sample_covers_the_first_interval_of_the_call() -> None:
+    """Baseline at the start of `run()`, so a quality message every `stats_interval_s`
+    from the first one on (protocol section 2), not from twice the interval."""
+    from edgeagent.call.session import CallSession
+    from edgeagent.clock import FakeClock
+    from edgeagent.config import CallConfig, Config, DeviceConfig
+
+    clock = FakeClock()
+    cfg = Config(device=DeviceConfig(id="dev-1"), call=CallConfig(stats_interval_s=2.0))
+    session = CallSession(
+        cfg,
+        "c1",
+        clock=clock,
+        on_quality=lambda _s: None,
+        on_issue=lambda _c: None,
+        on_health=lambda _s, _w: None,
+        on_media_stalled=lambda _s: None,
+    )
+    taken: list[tuple[bool, float]] = []  # (had a baseline, when)
+
+    async def sample(prev: NetworkStats | None, now: float) -> NetworkStats:
+        taken.append((prev is not None, now))
+        stats = report(
+            now, received=0, lost=0, jitter=0, sent=0, bytes_sent=0, bytes_received=0, rtt_s=None
+        )
+        return normalise(stats, at_s=now)
+
+    session._sample = sample  # type: ignore[method-assign]
+    loop = asyncio.ensure_future(session._stats_loop())
+    try:
+        await clock.advance(2.0)
+        assert taken == [(False, 0.0), (True, 2.0)]  # a windowed sample, i.e. a message
+        await clock.advance(2.0)
+        assert taken[-1] == (True, 4.0)
+    finally:
+        loop.cancel()
+        await session.pc.close()

@@ -432,8 +432,10 @@ class CallSession:
 
     async def _stats_loop(self) -> None:
         cfg = self.cfg.call
-        prev: NetworkStats | None = None
         started = self.clock.monotonic()
+        # The baseline at the start, so the first quality message covers the call's first
+        # `stats_interval_s` and comes at its end (protocol section 2), not one interval later.
+        prev: NetworkStats | None = await self._sample(None, started)
         next_stats = started + cfg.stats_interval_s
         stalled_since: float | None = None
         max_end = started + cfg.max_duration_s
