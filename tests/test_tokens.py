@@ -360,6 +360,7 @@ CASES: list[tuple[str, str, Callable[[], bytes], int]] = [
     ),
     ("jti missing", "ping", lambda: token(drop=("jti",)), 400),
     ("jti not a topic level", "ping", lambda: token(jti="a/+/#"), 400),
+    ("jti with a trailing newline", "ping", lambda: token(jti="req-1\n"), 400),
     ("iat a string", "ping", lambda: token(iat="now"), 400),
     ("exp a float", "ping", lambda: token(exp=T0 + 60.5), 400),
     ("exp a bool", "ping", lambda: token(exp=True), 400),

@@ -25,7 +25,8 @@ __all__ = [
     "get_spec",
 ]
 
-DEVICE_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{0,62}$"
+# `\Z`: msgspec searches with Python's re, where `$` also matches before a final newline.
+DEVICE_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{0,62}\Z"
 
 
 class Status(IntEnum):
@@ -103,7 +104,7 @@ class BreadcrumbsArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class SetLogLevelArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     level: LogLevel
-    logger: Annotated[str, msgspec.Meta(max_length=200, pattern=r"^[A-Za-z0-9_.]*$")] = ""
+    logger: Annotated[str, msgspec.Meta(max_length=200, pattern=r"^[A-Za-z0-9_.]*\Z")] = ""
     ttl_s: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 600
 
 

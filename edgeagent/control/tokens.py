@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 MAX_PAYLOAD_BYTES: Final = 16 * 1024
 # The jti becomes a topic level (cmd-res/<id>), so no '/', '+', '#' or whitespace.
-JTI_PATTERN: Final = r"^[A-Za-z0-9._:-]{1,128}$"
+JTI_PATTERN: Final = r"^[A-Za-z0-9._:-]{1,128}\Z"  # `\Z`: `$` allows a final newline
 _JTI_RE: Final = re.compile(JTI_PATTERN)
 _B64URL_RE: Final = re.compile(rb"[A-Za-z0-9_-]*")
 _HEADER_PARAMS: Final = frozenset({"alg", "kid", "typ", "cty"})

@@ -76,7 +76,7 @@ class AlertRule:
 
     def __post_init__(self) -> None:
         problems = []
-        if not re.match(NAME_PATTERN, self.name):
+        if not re.fullmatch(NAME_PATTERN, self.name):
             problems.append(f"name {self.name!r} must match {NAME_PATTERN}")
         if not self.metric:
             problems.append("metric must not be empty")

@@ -1,0 +1,67 @@
+"""Decoding inbound signaling messages (protocol section 4): what is refused, and why."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgeagent.call import signaling as sig
+from edgeagent.control.catalog import CommandError, decode_args, get_spec
+
+TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+SDP = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+
+
+def message(**over: object) -> bytes:
+    msg: dict[str, object] = {
+        "v": 1,
+        "type": "offer",
+        "call_id": "c0ffee",
+        "from": "peer-1",
+        "to": "dev-1",
+        "ts": 1.0,
+        "sdp": SDP,
+        "traceparent": TP,
+    }
+    msg.update(over)
+    return json.dumps(msg).encode()
+
+
+def test_a_well_formed_offer_decodes() -> None:
+    msg = sig.decode_signal(message(), me="dev-1")
+    assert (msg.type, msg.call_id, msg.from_) == ("offer", "c0ffee", "peer-1")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("from", "peer-1\n", "bad sender id"),  # `$` alone would let a final newline through
+        ("call_id", "c0ffee\n", "bad call_id"),
+        ("traceparent", TP + "\n", "malformed traceparent"),
+        ("from", "Peer-1", "bad sender id"),
+        ("call_id", "a/b", "bad call_id"),
+        ("to", "dev-2", "addressed to"),
+        ("sdp", "v=0\r\n", "without an audio SDP"),
+    ],
+)
+def test_bad_ids_and_fields_are_refused_with_the_reason(field: str, value: str, why: str) -> None:
+    with pytest.raises(sig.SignalError, match=why):
+        sig.decode_signal(message(**{field: value}), me="dev-1")
+
+
+def test_a_refused_message_keeps_only_ids_that_are_safe_to_address() -> None:
+    with pytest.raises(sig.SignalError) as err:
+        sig.decode_signal(message(v=2), me="dev-1")
+    assert (err.value.call_id, err.value.sender) == ("c0ffee", "peer-1")
+    with pytest.raises(sig.SignalError) as err:
+        sig.decode_signal(message(ts="x", **{"from": "p\n"}), me="dev-1")
+    assert err.value.sender is None  # never a reject to ".../p\n/signal"
+
+
+def test_dial_refuses_a_peer_id_with_a_trailing_newline() -> None:
+    spec = get_spec("dial")
+    assert decode_args(spec, {"peer": "peer-1"}) is not None
+    with pytest.raises(CommandError) as err:
+        decode_args(spec, {"peer": "peer-1\n"})
+    assert err.value.code == 400
