@@ -225,6 +225,17 @@ class CallManager:
         active = self.active
         if active is not None and active.call_id == msg.call_id:
             return  # a duplicate (QoS 1 redelivery)
+        done = next(
+            (c for c in reversed(self.history) if (c.call_id, c.peer) == (msg.call_id, msg.from_)),
+            None,
+        )
+        if done is not None:
+            # A redelivered (or replayed) offer of a call that already has its record:
+            # no second call, summary or event; a refusal is repeated in case it was lost.
+            logger.info("signaling: offer %s again, after it ended %s", msg.call_id, done.result)
+            if done.result == "rejected" and done.end_reason in sig.REJECT_REASONS:
+                self._send("reject", msg.from_, msg.call_id, reason=done.end_reason)
+            return
         if not sig.caller_allowed(msg.from_, self.cfg.call.allow):
             self._refuse(msg, "forbidden", f"caller {msg.from_} is not allowed")
             return
