@@ -16,7 +16,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "EDGEAGENT__"
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h; the unit's RestartPreventExitStatus
@@ -127,11 +135,26 @@ class AudioConfig(_Section):
     playback_device: str = "default"
     paced: bool = False
     """Pace unclocked PCMs (ALSA file devices on the bench) to real time."""
-    playout_target_ms: int = Field(60, ge=20, le=200)
-    playout_max_ms: int = Field(200, ge=40, le=1000)
+    playout_target_ms: int = Field(60, ge=20, le=120)
+    playout_max_ms: int = Field(200, ge=60, le=1000)
+    """At least two 20 ms frames above the target (the playout buffer's own rule)."""
     reopen_min_s: float = Field(1.0, gt=0)
     reopen_max_s: float = Field(30.0, gt=0)
     aec: AecConfig = AecConfig()
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> AudioConfig:
+        # Checked here, not when a call builds its playout buffer (every call would fail).
+        if self.playout_max_ms < self.playout_target_ms + 40:
+            raise ValueError(
+                f"playout_max_ms ({self.playout_max_ms}) must be at least playout_target_ms"
+                f" + 40 ({self.playout_target_ms + 40}): two frames of headroom"
+            )
+        if self.reopen_min_s > self.reopen_max_s:
+            raise ValueError(
+                f"reopen_min_s ({self.reopen_min_s}) is above reopen_max_s ({self.reopen_max_s})"
+            )
+        return self
 
 
 class CallConfig(_Section):
@@ -296,6 +319,9 @@ def format_errors(exc: ValidationError) -> list[str]:
             lines.append(f"{key}: unknown key{hint}")
         elif err["type"] == "missing":
             lines.append(f"{key}: required key is missing")
+        elif err["type"] == "value_error" and isinstance(err.get("input"), dict):
+            # A check across a section's keys: the message names them and their values.
+            lines.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
     return lines

@@ -157,3 +157,36 @@ def test_run_exits_78_on_bad_config_as_a_process(tmp_path: Path) -> None:
     )
     assert proc.returncode == 78
     assert "device.id" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("audio", "expect"),
+    [
+        ({"playout_target_ms": 150}, "audio.playout_target_ms:"),
+        ({"playout_target_ms": 60, "playout_max_ms": 80}, "audio: playout_max_ms (80)"),
+        ({"reopen_min_s": 5.0, "reopen_max_s": 2.0}, "audio: reopen_min_s (5.0) is above"),
+    ],
+)
+def test_audio_bounds_a_call_could_not_use_are_config_errors(
+    audio: dict[str, object], expect: str
+) -> None:
+    """Caught by check-config, not by every call failing when it builds its playout buffer."""
+    with pytest.raises(ConfigError) as info:
+        parse_config({"device": {"id": "dev-1"}, "audio": audio}, environ={})
+    assert len(info.value.errors) == 1
+    assert info.value.errors[0].startswith(expect), info.value.errors
+
+
+def test_every_accepted_playout_setting_makes_a_playout_buffer() -> None:
+    from edgeagent.audio.playout import PlayoutBuffer, PlayoutSettings
+
+    for target in (20, 60, 120):
+        cfg = parse_config(
+            {
+                "device": {"id": "d"},
+                "audio": {"playout_target_ms": target, "playout_max_ms": target + 40},
+            },
+            environ={},
+        )
+        a = cfg.audio
+        PlayoutBuffer(PlayoutSettings(target_ms=a.playout_target_ms, max_ms=a.playout_max_ms))
