@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from edgeagent import __version__
 from edgeagent.call.calltest import run_call_test
-from edgeagent.call.ice import stun_seen_down
+from edgeagent.call.ice import ignored_servers, stun_seen_down
 from edgeagent.call.manager import Call, CallManager
 from edgeagent.clock import Clock, SystemClock
 from edgeagent.config import Config, config_hash
@@ -789,6 +789,8 @@ class Agent:
             self.publisher.event(
                 "info", "agent", f"edgeagent {__version__} started", data={"boot_id": self.boot_id}
             )
+            for line in ignored_servers(self.cfg.ice.stun_urls, self.cfg.ice.turn_urls):
+                logger.warning("ice: %s", line)  # a breadcrumb and a `warning` event too
             if self.cfg.button.enabled:
                 self.button = CallButton(
                     self.cfg.button.pin,

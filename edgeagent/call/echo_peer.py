@@ -22,7 +22,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from edgeagent import __version__
 from edgeagent.call import libopus
 from edgeagent.call import signaling as sig
-from edgeagent.call.ice import ice_configuration, restrict_host_addresses
+from edgeagent.call.ice import ice_configuration, ignored_servers, restrict_host_addresses
 from edgeagent.call.opus import (
     LossHint,
     far_end_decodes_fec,
@@ -87,6 +87,8 @@ class EchoPeer:
         )
 
     async def run(self) -> None:
+        for line in ignored_servers(self.cfg.ice.stun_urls, self.cfg.ice.turn_urls):
+            logger.warning("echo peer: ice: %s", line)
         try:
             await self.link.run()
         finally:

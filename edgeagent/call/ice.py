@@ -70,10 +70,8 @@ def ice_configuration(
 ) -> RTCConfiguration:
     """An RTCConfiguration with exactly our servers (never aiortc's public STUN default)."""
     servers: list[RTCIceServer] = []
-    if len(stun_urls) > 1:
-        logger.warning("ice: aiortc uses only the first STUN server; ignoring %s", stun_urls[1:])
-    if len(turn_urls) > 1:
-        logger.warning("ice: aiortc uses only the first TURN server; ignoring %s", turn_urls[1:])
+    for line in ignored_servers(stun_urls, turn_urls):  # said once at start, at WARNING
+        logger.debug("ice: %s", line)
     if stun_urls:
         servers.append(RTCIceServer(urls=stun_urls[0]))
     if turn_urls:
@@ -82,6 +80,16 @@ def ice_configuration(
         raise ValueError("relay_only needs a TURN server")
     policy = RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL
     return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
+
+
+def ignored_servers(stun_urls: Sequence[str], turn_urls: Sequence[str]) -> list[str]:
+    """What aiortc will not use of the configured servers (only the first of each kind)."""
+    out = []
+    for kind, urls in (("STUN", stun_urls), ("TURN", turn_urls)):
+        if len(urls) > 1:
+            rest = ", ".join(urls[1:])
+            out.append(f"aiortc uses only the first {kind} server ({urls[0]}); ignoring {rest}")
+    return out
 
 
 def resolve_host_addresses(allowed: Sequence[str]) -> list[str]:
