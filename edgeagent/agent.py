@@ -133,6 +133,7 @@ class Agent:
             min_free_mb=cfg.storage.spool_min_free_mb,
             durability=cfg.storage.durability,
             clock=self.clock.time,
+            boot_id=self.boot_id,
         )
         self.link = BrokerLink(
             cfg.mqtt,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import itertools
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeagent.telemetry import spool as spool_module
 from edgeagent.telemetry.spool import DropReason, DropReport, Spool, SpoolEntry, SpoolStats
 
 CHILD = Path(__file__).with_name("spool_child.py")
@@ -480,3 +482,52 @@ def test_store_survives_sigkill_at_random_moments(tmp_path: Path) -> None:
 
     assert len(reported) > 2000, "the child hardly ran; the test proved little"
     assert dropped, "the count cap never acted during the kills"
+
+
+# -- power loss: commits since the last sync may be gone after an unclean reboot ------
+
+
+def _left_open(path: Path, n: int, **kw: object) -> None:
+    """Put `n` messages and stop without `close` (the process died)."""
+    spool = open_spool(path, **kw)
+    for _ in range(n):
+        spool.put(TOPIC, event)
+    del spool
+    gc.collect()
+
+
+def test_after_an_unclean_reboot_seq_skips_to_the_ceiling_and_reports_the_range(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    _left_open(path, 3, boot_id="boot-1")
+    with open_spool(path, boot_id="boot-2") as spool:
+        ceiling = 1 + spool_module._SEQ_BLOCK  # reserved at the first put
+        assert spool.stats().next_seq == ceiling
+        assert spool.take_drop_reports() == [
+            DropReport(4, ceiling - 1, ceiling - 4, DropReason.UNCLEAN_REBOOT)
+        ]
+        assert spool.put(TOPIC, event) == ceiling
+        assert seqs(spool) == [1, 2, 3, ceiling]  # what the store kept is still sent
+    with open_spool(path, boot_id="boot-2") as spool:  # closed cleanly: no second skip
+        assert spool.stats().next_seq == ceiling + 1
+        assert spool.take_drop_reports() == []
+
+
+def test_a_crash_in_the_same_boot_or_a_clean_close_keeps_seq_exact(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    _left_open(path, 3, boot_id="boot-1")
+    with open_spool(path, boot_id="boot-1") as spool:  # process crash: WAL commits survive
+        assert spool.stats().next_seq == 4
+        spool.put(TOPIC, event)
+    with open_spool(path, boot_id="boot-2") as spool:  # clean close, then a reboot
+        assert spool.stats().next_seq == 5
+        assert spool.take_drop_reports() == []
+
+
+def test_full_durability_never_skips(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    _left_open(path, 2, boot_id="boot-1", durability="full")
+    with open_spool(path, boot_id="boot-2", durability="full") as spool:
+        assert spool.stats().next_seq == 3
+        assert spool.take_drop_reports() == []

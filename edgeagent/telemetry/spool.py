@@ -11,6 +11,14 @@ restart. Modelled on memfaultd's atomic commit and oldest-first cleanup.
 lives in a small sidecar file (`<name>.seq`, replaced atomically), so that a
 database corrupt beyond SQLite's own recovery can be moved aside and a fresh
 one started above every seq ever handed out.
+
+With `durability="normal"` (SQLite `synchronous=NORMAL`) a commit survives a
+process crash but may roll back in a power loss: a message could be sent with a
+seq the database then forgets, and the seq would be handed out again. So the
+sidecar also records the boot it was written in and, on a clean `close`, the
+exact next seq. A store opened after a stop that was not clean, in a different
+boot, continues at the ceiling instead, and the skipped range is reported as a
+drop with reason `unclean_reboot` (an upper bound, like `corrupt`).
 """
 
 from __future__ import annotations
@@ -70,6 +78,9 @@ class DropReason(StrEnum):
     DISK = "disk"
     # The database was unreadable and moved aside; the range is an upper bound.
     CORRUPT = "corrupt"
+    # Opened after a reboot that did not close it (power loss): commits since the last
+    # sync may be gone, so seq skips to the ceiling; the range is an upper bound.
+    UNCLEAN_REBOOT = "unclean_reboot"
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +150,10 @@ class Spool:
         durability: Literal["normal", "full"] = "normal",
         clock: Callable[[], float] = time.time,
         disk_free_mb: Callable[[], float] | None = None,
+        boot_id: str = "",
     ) -> None:
+        """`boot_id`: the kernel's boot id (edgeagent.hw.system.boot_id); with it, a store
+        left open by a power loss is told apart from a process crash (see the module doc)."""
         if durability not in ("normal", "full"):
             raise ValueError(f"durability must be 'normal' or 'full', not {durability!r}")
         self.path = Path(path)
@@ -151,12 +165,14 @@ class Spool:
         self._clock = clock
         self._disk_free_mb = disk_free_mb or self._real_disk_free_mb
         self._sidecar = self.path.with_name(self.path.name + ".seq")
+        self._boot_id = boot_id
         self._warned: set[DropReason] = set()
         self._count = 0
         self._bytes = 0
         self._next_seq = 1
         self._dropped_total = 0
         self._ceiling = 0
+        self._low_seq_hint = 1  # the sidecar's `low`: oldest seq pending at the last write
         self._conn: sqlite3.Connection | None = None
         # False only while every recorded drop is known to be reported (the drain asks often).
         self._unreported = True
@@ -164,6 +180,7 @@ class Spool:
         self._loaded = False
         try:
             self._open()
+            self._guard(self._after_open)
         except (sqlite3.DatabaseError, _CorruptStore) as exc:
             if isinstance(exc, sqlite3.DatabaseError) and not _is_corruption(exc):
                 raise
@@ -217,10 +234,16 @@ class Spool:
         self._guard(self._enforce_caps)
 
     def close(self) -> None:
-        """Close the database (checkpointing the WAL); further calls fail."""
+        """Close the database (checkpointing the WAL) and mark the stop clean; further
+        calls fail."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+            if self._loaded:
+                try:
+                    self._write_sidecar(self._ceiling, self._low_seq_hint, clean=self._next_seq)
+                except OSError as exc:
+                    logger.warning("spool %s: cannot mark a clean close: %s", self.path, exc)
 
     def __enter__(self) -> Spool:
         return self
@@ -381,23 +404,42 @@ class Spool:
 
     def _read_sidecar(self) -> tuple[int, int | None]:
         """(ceiling, lowest seq that was pending when it was written); (0, None) if unknown."""
+        data = self._sidecar_data()
+        ceiling, low = data.get("ceiling"), data.get("low")
+        if isinstance(ceiling, int) and isinstance(low, int):
+            return ceiling, low
+        if data:
+            logger.warning("spool %s: seq sidecar without ceiling/low: %s", self.path, data)
+        return 0, None
+
+    def _sidecar_data(self) -> dict[str, object]:
         try:
             data = json.loads(self._sidecar.read_text())
-            return int(data["ceiling"]), int(data["low"])
         except FileNotFoundError:
-            return 0, None
-        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+        except (OSError, ValueError):
+            data = None
+        if not isinstance(data, dict):
             logger.warning("spool %s: unreadable seq sidecar %s", self.path, self._sidecar)
-            return 0, None
+            return {}
+        return data
 
     def _reserve(self, seq: int) -> None:
         """Durably raise the ceiling above `seq` before any seq at or above it is committed."""
         ceiling = seq + _SEQ_BLOCK
         row = self._db.execute("SELECT min(seq) FROM messages").fetchone()
-        low = int(row[0]) if row[0] is not None else seq
+        self._low_seq_hint = int(row[0]) if row[0] is not None else seq
+        self._write_sidecar(ceiling, self._low_seq_hint)
+        self._ceiling = ceiling
+
+    def _write_sidecar(self, ceiling: int, low: int, *, clean: int | None = None) -> None:
+        """Replace the sidecar durably; `clean` (the exact next seq) only on a clean close."""
+        data: dict[str, object] = {"ceiling": ceiling, "low": low, "boot": self._boot_id}
+        if clean is not None:
+            data["clean"] = clean
         tmp = self._sidecar.with_name(self._sidecar.name + ".tmp")
         with tmp.open("w") as f:
-            f.write(json.dumps({"ceiling": ceiling, "low": low}))
+            f.write(json.dumps(data))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._sidecar)
@@ -406,7 +448,52 @@ class Spool:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        self._ceiling = ceiling
+
+    def _after_open(self) -> None:
+        """Continue above every seq that may have been handed out before an unclean reboot,
+        then mark the store open (a clean close marks it again)."""
+        data = self._sidecar_data()
+        if not data:
+            return  # a new store (or one from before the sidecar): its seqs are all it has
+        ceiling, low = self._read_sidecar()
+        self._low_seq_hint = low if low is not None else self._next_seq
+        clean = data.get("clean")
+        if isinstance(clean, int) and clean > self._next_seq:
+            self._skip_to(clean, DropReason.UNCLEAN_REBOOT)  # commits lost after a clean close?
+        elif (
+            clean is None
+            and self._synchronous == "NORMAL"
+            and data.get("boot") != self._boot_id
+            and ceiling > self._next_seq
+        ):
+            # Not closed, and the machine rebooted since: commits since the last sync may
+            # be gone with their seqs already sent. A crash in the same boot loses none.
+            self._skip_to(ceiling, DropReason.UNCLEAN_REBOOT)
+        if clean is not None or data.get("boot") != self._boot_id:
+            self._write_sidecar(self._ceiling, self._low_seq_hint)
+
+    def _skip_to(self, start: int, reason: DropReason) -> None:
+        lost = (self._next_seq, start - 1)
+        logger.error(
+            "spool %s: opened after an unclean reboot; seq continues at %d (%d..%d may have "
+            "been sent and lost)",
+            self.path,
+            start,
+            *lost,
+        )
+        self._next_seq = start
+        self._dropped_total += lost[1] - lost[0] + 1
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._persist_next_seq()
+            self._db.execute(
+                "UPDATE meta SET value=? WHERE key='dropped_total'", (self._dropped_total,)
+            )
+            self._record_drops([lost], reason)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
 
     # -- operations -----------------------------------------------------------
 
