@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -215,10 +216,16 @@ def cmd_echo_peer(path: Path) -> int:
     setup_logging(cfg)
     from edgeagent.call.echo_peer import EchoPeer
 
-    peer = EchoPeer(cfg)
-    logger.info("echo peer %s: answering on %s", cfg.device.id, peer.topics.signal)
+    async def serve() -> None:
+        peer = EchoPeer(cfg)
+        loop = asyncio.get_running_loop()
+        for signum, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+            loop.add_signal_handler(signum, peer.request_stop, name)
+        logger.info("echo peer %s: answering on %s", cfg.device.id, peer.topics.signal)
+        await peer.run()
+
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=new_event_loop) as r:
-        r.run(peer.run())
+        r.run(serve())
     return EXIT_OK
 
 

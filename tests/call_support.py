@@ -83,9 +83,13 @@ async def echo_peer(cfg_path: Path) -> AsyncIterator[EchoPeer]:
         await asyncio.wait_for(peer.link.connected.wait(), 10)
         yield peer
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        peer.request_stop("test over")  # the clean stop: calls closed, `offline` published
+        try:
+            await asyncio.wait_for(task, 10)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def until(cond: Callable[[], Any], timeout: float = 15.0, step: float = 0.05) -> Any:

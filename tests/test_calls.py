@@ -135,3 +135,31 @@ async def test_stopping_in_a_call_tells_the_far_end_before_going_offline(
     ]
     assert order.index(f"edge/v1/dev-a/calls/{sa[0]['call_id']}/summary") < len(order) - 1
     assert order[-1] == "edge/v1/dev-a/status"
+
+
+async def test_a_stopped_echo_peer_hangs_up_and_goes_offline_with_its_reason(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(700, 20))
+    cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa)
+    async with collector(broker.port, "edge/v1/#") as c, running(cfg_a) as a:
+        async with echo_peer(cfg_e):
+            await a.calls_mgr.dial("echo")
+            await until(lambda: a.calls_mgr.active and a.calls_mgr.active.state == "active")
+        # The context stops it with request_stop("test over"), as SIGTERM does.
+        status = await c.wait_for(
+            lambda ms: [
+                m.json()
+                for m in ms
+                if m.topic == "edge/v1/echo/status" and m.json()["state"] == "offline"
+            ]
+        )
+        sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"))
+        async with collector(broker.port, "edge/v1/echo/status") as late:  # the retained one
+            kept = await late.wait_for(lambda ms: [m.json() for m in ms])
+    assert status[-1]["reason"] == "test over"
+    assert (kept[0]["state"], kept[0]["reason"]) == ("offline", "test over")
+    assert sa[0]["result"] == "completed"  # the call ended; it did not fail

@@ -65,10 +65,13 @@ class EchoPeer:
         )
         self.link.subscribe(self.topics.signal, self._on_signal)
         self.calls: dict[str, RTCPeerConnection] = {}
+        self._callers: dict[str, str] = {}  # call_id -> caller, to hang up on a clean stop
         self.answered = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._stop_reason = "stopped"
 
-    def _status(self, state: str, session: int) -> bytes:
+    def _status(self, state: str, session: int, reason: str | None = None) -> bytes:
         return p.encode(
             p.Status(
                 v=1,
@@ -78,6 +81,7 @@ class EchoPeer:
                 session=session,
                 boot_id="echo-peer",
                 version="echo-peer",
+                reason=reason,
             )
         )
 
@@ -86,12 +90,41 @@ class EchoPeer:
             self.topics.status, self._status("online", session), qos=1, retain=True
         )
 
+    def request_stop(self, reason: str = "stopped") -> None:
+        """Stop cleanly: calls closed, then a retained `offline` with `reason` (protocol 1)."""
+        self._stop_reason = reason
+        self._stop.set()
+
     async def run(self) -> None:
+        """Until `request_stop` (clean: `offline` published) or cancelled (the Will stays)."""
         for line in ignored_servers(self.cfg.ice.stun_urls, self.cfg.ice.turn_urls):
             logger.warning("echo peer: ice: %s", line)
+        link = asyncio.ensure_future(self.link.run())
+        stop = asyncio.ensure_future(self._stop.wait())
         try:
-            await self.link.run()
+            await asyncio.wait([link, stop], return_when=asyncio.FIRST_COMPLETED)
+            if link.done():
+                link.result()  # the link gave up: its error, as before
+                return
+            # Hang up first, so callers hear why (not a dead transport), then close.
+            for call_id, pc in list(self.calls.items()):
+                caller = self._callers.get(call_id)
+                if caller is not None:
+                    out = self._signal("hangup", caller, call_id, reason="echo_peer_stopping")
+                    with contextlib.suppress(BrokerUnavailable, TimeoutError):
+                        async with asyncio.timeout(1.0):
+                            await self.link.publish(out.topic, out.payload, qos=1)
+                await pc.close()
+            offline = self._status("offline", self.link.session, self._stop_reason)
+            final = (self.topics.status, offline)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3.0):
+                    await self.link.close(final)
         finally:
+            stop.cancel()
+            link.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await link
             for pc in list(self.calls.values()):
                 await pc.close()
 
@@ -112,6 +145,7 @@ class EchoPeer:
             self._spawn(self._answer(msg))
         elif msg.type == "hangup":
             pc = self.calls.pop(msg.call_id, None)
+            self._callers.pop(msg.call_id, None)
             if pc is not None:
                 self._spawn(pc.close())
 
@@ -127,6 +161,7 @@ class EchoPeer:
             )
         )
         self.calls[offer.call_id] = pc
+        self._callers[offer.call_id] = offer.from_
         opus = opus_settings(self.cfg)
         tracks: list[MediaStreamTrack] = []
         pc.on("track", tracks.append)
@@ -135,6 +170,7 @@ class EchoPeer:
         async def on_state() -> None:
             if pc.connectionState in ("failed", "closed") and self.calls.get(offer.call_id) is pc:
                 del self.calls[offer.call_id]
+                self._callers.pop(offer.call_id, None)
                 await pc.close()
 
         try:
@@ -162,6 +198,7 @@ class EchoPeer:
         except Exception as exc:  # noqa: BLE001 - the per-call boundary: a bad offer ends this call only
             logger.warning("echo peer: call %s failed: %s", offer.call_id, exc)
             self.calls.pop(offer.call_id, None)
+            self._callers.pop(offer.call_id, None)
             await pc.close()
             self._send("reject", offer.from_, offer.call_id, reason="error")
             return
@@ -191,8 +228,8 @@ class EchoPeer:
                         logger.info("echo peer: call %s: opus loss hint %d %%", call_id, percent)
             prev = cur
 
-    def _send(self, kind: str, to: str, call_id: str, **fields: Any) -> None:
-        out = sig.build(
+    def _signal(self, kind: str, to: str, call_id: str, **fields: Any) -> sig.Outbound:
+        return sig.build(
             kind,
             prefix=self.topics.prefix,
             me=self.cfg.device.id,
@@ -201,7 +238,9 @@ class EchoPeer:
             ts=round(time.time(), 3),
             **fields,
         )
-        self._spawn(self._publish(out))
+
+    def _send(self, kind: str, to: str, call_id: str, **fields: Any) -> None:
+        self._spawn(self._publish(self._signal(kind, to, call_id, **fields)))
 
     async def _publish(self, out: sig.Outbound) -> None:
         with contextlib.suppress(BrokerUnavailable):
