@@ -65,3 +65,21 @@ def test_dial_refuses_a_peer_id_with_a_trailing_newline() -> None:
     with pytest.raises(CommandError) as err:
         decode_args(spec, {"peer": "peer-1\n"})
     assert err.value.code == 400
+
+
+def test_json_nested_too_deeply_is_refused_with_the_ids_it_can_read() -> None:
+    deep = message()[:-1] + b', "x": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+    with pytest.raises(sig.SignalError, match="nested too deeply") as err:
+        sig.decode_signal(deep, me="dev-1")
+    assert err.value.sender in ("peer-1", None)  # never an unhandled RecursionError
+
+
+def test_far_end_reasons_are_bounded_before_they_reach_summaries() -> None:
+    reject = sig.decode_signal(message(type="reject", sdp=None, reason="x" * 60_000), me="dev-1")
+    assert reject.reason == "unknown"  # not one of busy|forbidden|unavailable|error
+    assert (
+        sig.decode_signal(message(type="reject", sdp=None, reason="busy"), me="dev-1").reason
+        == "busy"
+    )
+    hangup = sig.decode_signal(message(type="hangup", sdp=None, reason="y" * 60_000), me="dev-1")
+    assert hangup.reason is not None and len(hangup.reason) <= sig.MAX_REASON_CHARS + 3

@@ -21,6 +21,7 @@ CALL_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\Z")
 MAX_SIGNAL_BYTES = 64 * 1024
 REJECT_REASONS = ("busy", "forbidden", "unavailable", "error")
+MAX_REASON_CHARS = 64
 
 _decoder = msgspec.json.Decoder(Signal)
 
@@ -44,6 +45,8 @@ def decode_signal(payload: bytes, *, me: str) -> Signal:
         raise SignalError(f"invalid signaling message: {exc}", **_peek(payload)) from None
     except msgspec.DecodeError as exc:
         raise SignalError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise SignalError("JSON nested too deeply", **_peek(payload)) from None
     ids = {"call_id": msg.call_id, "sender": msg.from_}
     if msg.v != PROTOCOL_VERSION:
         raise SignalError(f"unsupported version {msg.v}", **ids)
@@ -61,6 +64,14 @@ def decode_signal(payload: bytes, *, me: str) -> Signal:
         and not TRACEPARENT.match(msg.traceparent)
     ):
         raise SignalError(f"malformed traceparent {msg.traceparent!r}", **ids)
+    reason = msg.reason
+    if reason is not None:
+        # The far end's words end up in our summaries and events: keep them short, and a
+        # reject's reason to the protocol's four.
+        if msg.type == "reject" and reason not in REJECT_REASONS:
+            msg = msgspec.structs.replace(msg, reason="unknown")
+        elif len(reason) > MAX_REASON_CHARS:
+            msg = msgspec.structs.replace(msg, reason=reason[:MAX_REASON_CHARS] + "...")
     return msg
 
 
@@ -68,7 +79,7 @@ def _peek(payload: bytes) -> dict[str, str | None]:
     """Best-effort call_id and sender of an invalid message, so the reject can be addressed."""
     try:
         raw = msgspec.json.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return {}
     if not isinstance(raw, dict):
         return {}
