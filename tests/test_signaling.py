@@ -83,3 +83,46 @@ def test_far_end_reasons_are_bounded_before_they_reach_summaries() -> None:
     )
     hangup = sig.decode_signal(message(type="hangup", sdp=None, reason="y" * 60_000), me="dev-1")
     assert hangup.reason is not None and len(hangup.reason) <= sig.MAX_REASON_CHARS + 3
+
+
+FINGERPRINT = ":".join(["AB"] * 32)
+GOOD_SDP = f"""v=0
+o=- 1 1 IN IP4 0.0.0.0
+s=-
+t=0 0
+a=group:BUNDLE 0
+m=audio 9 UDP/TLS/RTP/SAVPF 111 0
+c=IN IP4 0.0.0.0
+a=mid:0
+a=rtpmap:111 opus/48000/2
+a=rtpmap:0 PCMU/8000
+a=ice-ufrag:abcd
+a=ice-pwd:abcdefghijklmnopqrstuvwx
+a=fingerprint:sha-256 {FINGERPRINT}
+a=setup:actpass
+"""
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda s: s.replace("a=fingerprint", "a=x-fingerprint"), "no DTLS fingerprint"),
+        (lambda s: s.replace("a=setup:actpass", "a=setup:holdconn"), "setup role holdconn"),
+        (lambda s: s.replace("a=setup:actpass\n", ""), "setup role missing"),
+        (lambda s: s.replace("a=ice-pwd", "a=x-pwd"), "no ICE credentials"),
+        (lambda s: s.replace("111 0", "0").replace("a=rtpmap:111", "a=x"), "offers pcmu"),
+        (lambda s: s + s[s.index("m=audio") :], "2 audio sections"),
+        (lambda s: s.replace("m=audio", "m=video"), "no audio section"),
+    ],
+)
+def test_an_sdp_aiortc_would_fail_on_is_named_before_it_gets_there(edit, why) -> None:  # type: ignore[no-untyped-def]
+    assert sig.sdp_problem(GOOD_SDP) is None
+    problem = sig.sdp_problem(edit(GOOD_SDP))
+    assert problem is not None and why in problem
+
+
+def test_session_level_attributes_count_for_the_audio_section() -> None:
+    fingerprint = next(x for x in GOOD_SDP.splitlines() if x.startswith("a=fingerprint"))
+    moved = GOOD_SDP.replace(fingerprint + "\n", "").replace("t=0 0", "t=0 0\n" + fingerprint)
+    assert fingerprint in moved.split("m=audio")[0]
+    assert sig.sdp_problem(moved) is None

@@ -245,6 +245,10 @@ class CallManager:
             except sig.SignalError as exc:
                 self._refuse(msg, "forbidden", f"offer token refused: {exc}")
                 return
+        problem = sig.sdp_problem(msg.sdp)
+        if problem is not None:  # refused before answering: the caller is told why
+            self._refuse(msg, "error", f"unusable offer: {problem}")
+            return
         if active is not None:
             if (
                 active.direction == "outgoing"
@@ -529,7 +533,10 @@ class CallManager:
                         None,
                     )
         if call.session is not None:
-            await call.session.close()
+            try:
+                await call.session.close()
+            except Exception:  # the call's record and `active` must still clear
+                logger.exception("call %s: closing the session failed", call.call_id)
         spans.end_phase("teardown")
         if reason == "audio_device":
             self._on_fault("audio device failed during a call")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.exceptions import InvalidAccessError, InvalidStateError, OperationError
 
 from edgeagent import __version__
 from edgeagent.audio.aec import EchoCanceller, EchoCancellerConfig
@@ -24,6 +25,7 @@ from edgeagent.audio.echo import EchoDetector
 from edgeagent.audio.frames import Samples
 from edgeagent.audio.playout import PlayoutBuffer, PlayoutSettings
 from edgeagent.call import libopus
+from edgeagent.call import signaling as sig
 from edgeagent.call.ice import (
     ice_configuration,
     ice_failure,
@@ -359,11 +361,11 @@ class CallSession:
 
     async def accept_answer(self, sdp: str) -> None:
         self._begin("ice.connect")  # ICE checks start once the answer is applied
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
+        await self._set_remote(sdp, "answer")
         self._after_remote(sdp)
 
     async def answer(self, offer_sdp: str) -> str:
-        await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        await self._set_remote(offer_sdp, "offer")
         self.pc.addTrack(self.track)
         self._after_remote(offer_sdp)
         answer = await self.pc.createAnswer()
@@ -375,6 +377,28 @@ class CallSession:
         await self._set_local(RTCSessionDescription(munge_sdp(answer.sdp, self.opus), "answer"))
         self._begin("ice.connect")  # checks run while the answer travels to the caller
         return self._signalled_sdp()
+
+    async def _set_remote(self, sdp: str, kind: str) -> None:
+        """setRemoteDescription, or CallEnded("error") saying what is wrong with the SDP."""
+        problem = sig.sdp_problem(sdp)
+        if problem is not None:
+            raise CallEnded("error", f"unusable {kind}: {problem}")
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp, kind))
+        except (
+            ValueError,
+            KeyError,
+            AttributeError,
+            AssertionError,
+            InvalidAccessError,
+            InvalidStateError,
+            OperationError,
+        ) as exc:
+            # What aiortc raises for an SDP it cannot use, named, so the summary says
+            # more than "KeyError".
+            raise CallEnded(
+                "error", f"unusable {kind}: aiortc refused it ({type(exc).__name__}: {exc})"
+            ) from exc
 
     def _after_remote(self, remote_sdp: str) -> None:
         # Who decodes what we send: a browser, SIP phone or agent with libopus (PLC,

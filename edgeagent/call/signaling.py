@@ -125,6 +125,56 @@ def build(
     return Outbound(f"{prefix}/{to}/signal", encode(msg))
 
 
+_SETUP_ROLES = ("actpass", "active", "passive")
+
+
+def sdp_problem(sdp: str | None) -> str | None:
+    """Why a remote SDP cannot make a call with us, in words an operator can act on; None
+    if it can. Checked before aiortc sees it: aiortc fails on these with bare internal
+    errors (an AssertionError, a KeyError), and on a missing fingerprint only after ICE
+    connects, inside a task of its own."""
+    if not sdp:
+        return "no SDP"
+    lines = [line.strip() for line in sdp.splitlines()]
+    sections: list[list[str]] = [[]]
+    for line in lines:
+        if line.startswith("m="):
+            sections.append([])
+        sections[-1].append(line)
+    session, media = sections[0], sections[1:]
+    audio = [m for m in media if m[0].startswith("m=audio ")]
+    if not audio:
+        return "no audio section (m=audio)"
+    if len(audio) > 1:
+        return f"{len(audio)} audio sections; one is supported"
+    section = audio[0]
+
+    def attr(name: str) -> list[str]:
+        found = [x[len(name) + 3 :] for x in section if x.startswith(f"a={name}:")]
+        return found or [x[len(name) + 3 :] for x in session if x.startswith(f"a={name}:")]
+
+    if not attr("fingerprint"):
+        return "no DTLS fingerprint (a=fingerprint): the call could not be encrypted"
+    setup = attr("setup")
+    if not setup or setup[0] not in _SETUP_ROLES:
+        return (
+            f"DTLS setup role {setup[0] if setup else 'missing'}; need actpass, active or passive"
+        )
+    if not attr("ice-ufrag") or not attr("ice-pwd"):
+        return "no ICE credentials (a=ice-ufrag, a=ice-pwd)"
+    fields = section[0].split()
+    payload_types = set(fields[3:])
+    codecs = {}
+    for value in attr("rtpmap"):
+        pt, _, name = value.partition(" ")
+        if pt in payload_types:
+            codecs[pt] = name.split("/")[0].lower()
+    if "opus" not in codecs.values():
+        offered = ", ".join(sorted(set(codecs.values()))) or "none named"
+        return f"no common audio codec: Opus is required, the far end offers {offered}"
+    return None
+
+
 def caller_allowed(caller: str, allow: Iterable[str]) -> bool:
     allowed = list(allow)
     return "*" in allowed or caller in allowed

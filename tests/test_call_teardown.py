@@ -1,0 +1,43 @@
+"""A call whose teardown fails still ends: record, summary, and the agent free for the next."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from agent_support import collector
+from alsa_support import tone
+from call_support import alsa_env, echo_peer, endpoint_config, running, summaries, until
+
+from edgeagent.call.session import CallSession
+
+pytestmark = [pytest.mark.broker]
+
+
+async def test_a_session_that_fails_to_close_does_not_leave_the_agent_busy(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(700, 30))
+    cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa)
+    real_close = CallSession.close
+    failing = {"left": 1}
+
+    async def close(self: CallSession) -> None:
+        await real_close(self)
+        if failing["left"]:
+            failing["left"] -= 1
+            raise ValueError("playout push failed")  # what a media task's error looks like
+
+    monkeypatch.setattr(CallSession, "close", close)
+    async with collector(broker.port, "edge/v1/#") as c, echo_peer(cfg_e), running(cfg_a) as a:
+        for _ in range(2):  # the second dial would raise "busy" if the first stuck
+            await a.calls_mgr.dial("echo")
+            await until(lambda: a.calls_mgr.active and a.calls_mgr.active.state == "active")
+            await a.calls_mgr.hangup()
+            assert a.calls_mgr.active is None
+        s = await c.wait_for(lambda ms: len(summaries(ms, "dev-a")) == 2 and summaries(ms, "dev-a"))
+    assert [x["result"] for x in s] == ["completed", "completed"]
+    assert failing["left"] == 0
