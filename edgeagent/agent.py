@@ -7,6 +7,7 @@ import contextlib
 import functools
 import gc
 import logging
+import os
 import platform
 import signal
 from collections.abc import Callable
@@ -61,6 +62,9 @@ from edgeagent.telemetry.tracing import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Packages whose own tasks run a call's media: an error in one ends the call, not the agent.
+_CALL_STACK_PACKAGES = ("aiortc", "aioice")
 
 STOP_TIMEOUT_S = 3.0
 
@@ -455,6 +459,20 @@ class Agent:
             "trace_id": call.trace_id if call else None,
         }
 
+    def _contain_loop_error(self, exc: BaseException, task: asyncio.Task[Any] | None) -> bool:
+        """An orphaned error from one of aiortc's or aioice's own tasks belongs to a call:
+        it ends that call (reason `error`), not the agent. Ours stay fatal (crash-only)."""
+        coro = task.get_coro() if task is not None else None
+        code = getattr(coro, "cr_code", None)
+        filename = code.co_filename if code is not None else ""
+        if not any(f"{os.sep}{pkg}{os.sep}" in filename for pkg in _CALL_STACK_PACKAGES):
+            return False
+        where = getattr(coro, "__qualname__", "?")
+        detail = f"{type(exc).__name__} in {where}: {exc}"
+        ended = self.calls_mgr.fail_active(detail)
+        logger.error("call media: %s (%s)", detail, "call ended" if ended else "no active call")
+        return True
+
     def _on_loop_crash(self, exc: BaseException) -> None:
         self.crashed = True
         self.request_stop("crash")
@@ -778,7 +796,9 @@ class Agent:
         loop = asyncio.get_running_loop()
         if self.seams.install_crash_hooks:
             self.crash_guard.start()
-            self.crash_guard.install_loop_handler(loop, on_crash=self._on_loop_crash)
+            self.crash_guard.install_loop_handler(
+                loop, on_crash=self._on_loop_crash, contain=self._contain_loop_error
+            )
         else:
             self.crash_guard.recover()
         self.crash_guard.deliver(self.publisher, self.topics.crash)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from pathlib import Path
 
 import pytest
 from agent_support import collector
+from aiortc import RTCDtlsParameters
 from alsa_support import tone
-from call_support import alsa_env, echo_peer, endpoint_config, running, summaries, until
+from call_support import alsa_env, echo_peer, endpoint_config, events, running, summaries, until
 
 from edgeagent.call.session import CallSession
 
@@ -41,3 +44,33 @@ async def test_a_session_that_fails_to_close_does_not_leave_the_agent_busy(
         s = await c.wait_for(lambda ms: len(summaries(ms, "dev-a")) == 2 and summaries(ms, "dev-a"))
     assert [x["result"] for x in s] == ["completed", "completed"]
     assert failing["left"] == 0
+
+
+async def test_an_error_in_one_of_aiortcs_own_tasks_ends_the_call_not_the_agent(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(700, 30))
+    cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa)
+    async with collector(broker.port, "edge/v1/#") as c, echo_peer(cfg_e), running(cfg_a) as a:
+        await a.calls_mgr.dial("echo")
+        await until(lambda: a.calls_mgr.active and a.calls_mgr.active.state == "active")
+        session = a.calls_mgr.active.session
+        assert session is not None
+        dtls = session.pc.getTransceivers()[0].sender.transport
+        # What a remote SDP without fingerprints did: aiortc's DTLS start fails in a task
+        # nobody awaits, and the loop's handler sees it when the task is collected.
+        task = asyncio.ensure_future(dtls.start(RTCDtlsParameters(fingerprints=[])))
+        await asyncio.wait([task])
+        del task
+        gc.collect()
+        s = await c.wait_for(lambda ms: summaries(ms, "dev-a"))
+        assert not a.crashed
+        await a.calls_mgr.dial("echo")  # and the agent calls again
+        await until(lambda: a.calls_mgr.active and a.calls_mgr.active.state == "active")
+        await a.calls_mgr.hangup()
+    assert (s[0]["result"], s[0]["end_reason"]) == ("failed", "error")
+    closed = [e for e in events(c.messages, "dev-a") if e["category"] == "call.closed"]
+    assert "RTCDtlsTransport.start" in closed[0]["data"]["detail"]

@@ -155,6 +155,17 @@ class CallManager:
         await self._finish(call, reason, send_hangup=True)
         return call
 
+    def fail_active(self, detail: str) -> bool:
+        """End the active call with reason `error` and `detail`; False if there is none."""
+        call = self.active
+        if call is None:
+            return False
+        if call.session is not None:
+            call.session.fail("error", detail)
+        else:
+            self._spawn(self._finish(call, "error", detail=detail, send_hangup=True))
+        return True
+
     def answer_ringing(self) -> bool:
         """Accept the ringing incoming call (the button); False if nothing rings."""
         call = self.active

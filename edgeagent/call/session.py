@@ -217,6 +217,11 @@ class CallSession:
         self._issues(self.echo.push_capture(frame))
         return frame
 
+    def fail(self, reason: str, detail: str) -> None:
+        """End the call from outside its own tasks (e.g. an aiortc task of this call failed)."""
+        if not self._failed.done():
+            self._failed.set_result(CallEnded(reason, detail))
+
     def _render_tap(self, frame: Samples) -> None:
         self._rendered.append(frame)  # deque.append is atomic; analysed on the loop
 

@@ -281,27 +281,34 @@ class CrashGuard:
         self,
         loop: asyncio.AbstractEventLoop,
         on_crash: Callable[[BaseException], None] | None = None,
+        contain: Callable[[BaseException, asyncio.Task[Any] | None], bool] | None = None,
     ) -> None:
         """Report exceptions the loop catches (callbacks, orphaned tasks).
 
         With `on_crash` they count as fatal: it is called after the report is
-        on disk (e.g. to stop the agent with a failure exit code).
+        on disk (e.g. to stop the agent with a failure exit code). `contain`
+        may take one instead (return True: e.g. a call's media task ends that
+        call): it is then reported as not fatal and `on_crash` is not called.
         """
         previous = loop.get_exception_handler()
 
         def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
             exc = context.get("exception")
+            fatal = False
             if isinstance(exc, Exception):
                 extra: dict[str, Any] = {"context": str(context.get("message", ""))}
                 task = context.get("task") or context.get("future")
-                if isinstance(task, asyncio.Task):
+                if not isinstance(task, asyncio.Task):
+                    task = None
+                if task is not None:
                     extra["task"] = task.get_name()
-                self._record_from_hook(exc, fatal=on_crash is not None, extra=extra)
+                fatal = on_crash is not None and not (contain is not None and contain(exc, task))
+                self._record_from_hook(exc, fatal=fatal, extra=extra)
             if previous is not None:
                 previous(loop, context)
             else:
                 loop.default_exception_handler(context)
-            if isinstance(exc, Exception) and on_crash is not None:
+            if isinstance(exc, Exception) and fatal and on_crash is not None:
                 on_crash(exc)
 
         loop.set_exception_handler(handler)
