@@ -752,7 +752,11 @@ class Agent:
                 disk_free_mb=fields.pop("disk_free_mb"),
                 net=fields.pop("net"),
                 calls=self.calls.payload(),
-                spool=p.SpoolCounters(pending=stats.pending, dropped=stats.dropped_total),
+                spool=p.SpoolCounters(
+                    pending=stats.pending,
+                    dropped=stats.dropped_total,
+                    unstored=self.publisher.unstored,
+                ),
                 session=self.link.session,
                 extra=fields or None,
             )

@@ -296,3 +296,13 @@ def test_a_spool_drop_range_is_reported_even_when_events_are_rate_limited(
         assert (drops[0]["data"]["first_seq"], drops[0]["data"]["last_seq"]) == (1, 3)
         # Taken once, reported once (spooling the report under the cap drops more: new range).
         assert all(r.first_seq > 3 for r in spool.take_drop_reports())
+
+
+def test_a_message_the_full_spool_cannot_store_is_counted_not_raised(tmp_path: Path) -> None:
+    with Spool(tmp_path / "spool.db") as spool:
+        publisher = make_publisher(LinkTwin(), spool, window=4)
+        pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
+        spool._db.execute(f"PRAGMA max_page_count = {pages + 1}")  # SQLITE_FULL, as a full disk
+        assert publisher.spool_bytes(TOPICS.events, lambda seq: b"x" * 200_000) is None
+        assert publisher.unstored == 1
+        assert publisher.spool_bytes(TOPICS.events, lambda seq: str(seq).encode()) == 1

@@ -20,7 +20,14 @@ from pathlib import Path
 import pytest
 
 from edgeagent.telemetry import spool as spool_module
-from edgeagent.telemetry.spool import DropReason, DropReport, Spool, SpoolEntry, SpoolStats
+from edgeagent.telemetry.spool import (
+    DropReason,
+    DropReport,
+    Spool,
+    SpoolEntry,
+    SpoolFull,
+    SpoolStats,
+)
 
 CHILD = Path(__file__).with_name("spool_child.py")
 _spec = importlib.util.spec_from_file_location("spool_child", CHILD)
@@ -531,3 +538,37 @@ def test_full_durability_never_skips(tmp_path: Path) -> None:
     with open_spool(path, boot_id="boot-2", durability="full") as spool:
         assert spool.stats().next_seq == 3
         assert spool.take_drop_reports() == []
+
+
+# -- a full filesystem ------------------------------------------------------------------
+# SQLite answers SQLITE_FULL ("database or disk is full") at max_page_count as it does on
+# a full disk, so the cap stands in for one.
+
+
+def _cap_pages(spool: Spool, extra: int) -> None:
+    pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
+    spool._db.execute(f"PRAGMA max_page_count = {pages + extra}")
+
+
+def test_a_full_filesystem_drops_the_oldest_and_the_new_message_is_stored(
+    tmp_path: Path,
+) -> None:
+    with open_spool(tmp_path / "s.db") as spool:
+        for _ in range(8):
+            spool.put(TOPIC, lambda seq: event(seq) + b" " * 3000)
+        _cap_pages(spool, 2)
+        got = [spool.put(TOPIC, lambda seq: event(seq) + b" " * 3000) for _ in range(6)]
+        assert got == list(range(9, 15))  # every put stored, seq contiguous
+        reports = spool.take_drop_reports()
+        assert reports and {r.reason for r in reports} == {DropReason.DISK}
+        assert reports[0].first_seq == 1
+
+
+def test_a_message_that_cannot_fit_raises_spool_full_and_takes_no_seq(tmp_path: Path) -> None:
+    with open_spool(tmp_path / "s.db") as spool:
+        assert spool.put(TOPIC, event) == 1
+        _cap_pages(spool, 1)
+        with pytest.raises(SpoolFull, match="filesystem full"):
+            spool.put(TOPIC, lambda seq: event(seq) + b" " * 200_000)
+        spool._db.execute("PRAGMA max_page_count = 1073741823")
+        assert spool.put(TOPIC, event) == 2  # no gap: the refused message had no seq

@@ -53,7 +53,7 @@ class Spooler(Protocol):
 
     def spool(
         self, topic: str, build: Callable[[int], msgspec.Struct], *, retain: bool = False
-    ) -> int: ...
+    ) -> int | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,6 +393,9 @@ class CrashGuard:
                 self._quarantine(path)
                 continue
             seq = publisher.spool(topic, _builder(report, publisher))
+            if seq is None:
+                logger.error("crash: report %s kept on disk: the spool is full", path.name)
+                break  # the rest wait for the next start too
             # The spool owns it now. A crash right here delivers it twice (crash_id dedupes).
             path.unlink()
             fsync_dir(self.dir)

@@ -65,6 +65,7 @@ class CallCounters(msgspec.Struct, kw_only=True):
 class SpoolCounters(msgspec.Struct, kw_only=True):
     pending: int
     dropped: int
+    unstored: int = 0  # not stored at all (filesystem full even after dropping the oldest)
 
 
 class Metrics(_Payload):

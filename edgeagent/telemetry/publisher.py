@@ -25,7 +25,7 @@ import msgspec
 from edgeagent.mqtt import BrokerLink, BrokerUnavailable
 from edgeagent.telemetry import payloads as p
 from edgeagent.telemetry.breadcrumbs import Breadcrumbs, Crumb
-from edgeagent.telemetry.spool import Spool
+from edgeagent.telemetry.spool import Spool, SpoolFull
 from edgeagent.telemetry.topics import Topics
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class Publisher:
         self._window = window
         self._bucket = TokenBucket(events_rate_per_s, events_burst, monotonic)
         self._suppressed: dict[str, int] = {}
+        self.unstored = 0  # messages the spool could not store (filesystem full)
         self._wake = asyncio.Event()
         self._acked = asyncio.Event()  # set whenever acks are committed (flush waits on it)
         self._health: bytes | None = None
@@ -92,15 +93,24 @@ class Publisher:
 
     def spool(
         self, topic: str, build: Callable[[int], msgspec.Struct], *, retain: bool = False
-    ) -> int:
-        """Commit a message with the next seq; the drain sends it when the link is up."""
-        seq = self._spool.put(topic, lambda seq: p.encode(build(seq)), retain=retain)
-        self._wake.set()
-        return seq
+    ) -> int | None:
+        """Commit a message with the next seq; the drain sends it when the link is up.
 
-    def spool_bytes(self, topic: str, build: Callable[[int], bytes]) -> int:
+        None if it could not be stored (filesystem full): counted in `unstored`, which
+        the metrics carry (they are not spooled)."""
+        return self._put(topic, lambda seq: p.encode(build(seq)), retain)
+
+    def spool_bytes(self, topic: str, build: Callable[[int], bytes]) -> int | None:
         """Commit an already-encoded payload (OTLP/JSON traces) with the next seq."""
-        seq = self._spool.put(topic, build)
+        return self._put(topic, build, False)
+
+    def _put(self, topic: str, build: Callable[[int], bytes], retain: bool) -> int | None:
+        try:
+            seq = self._spool.put(topic, build, retain=retain)
+        except SpoolFull as exc:
+            self.unstored += 1
+            logger.error("telemetry: %s not stored: %s", topic, exc)
+            return None
         self._wake.set()
         return seq
 

@@ -23,6 +23,7 @@ drop with reason `unclean_reboot` (an upper bound, like `corrupt`).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ _T = TypeVar("_T")
 _SEQ_BLOCK = 10_000
 # SQLite primary result codes meaning "this file is damaged".
 _SQLITE_CORRUPT = 11
+_SQLITE_FULL = 13
 _SQLITE_NOTADB = 26
 # Reported drop rows kept for diagnosis; older ones are pruned.
 _KEEP_REPORTED_DROPS = 256
@@ -114,6 +116,11 @@ class SpoolStats:
     next_seq: int
 
 
+class SpoolFull(Exception):
+    """The store's filesystem is full even after dropping the oldest messages: the message
+    was not stored and got no seq."""
+
+
 class _CorruptStore(Exception):
     """The database failed its integrity check."""
 
@@ -123,6 +130,14 @@ def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
     if code is None:
         return False
     return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
+def _is_full(exc: BaseException) -> bool:
+    """SQLite's "database or disk is full", or ENOSPC writing the seq sidecar."""
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF == _SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _runs(seqs: list[int]) -> list[tuple[int, int]]:
@@ -190,10 +205,37 @@ class Spool:
     # -- public API ---------------------------------------------------------
 
     def put(self, topic: str, build: Callable[[int], bytes], *, retain: bool = False) -> int:
-        """Store one message built for the next seq, durably; return that seq."""
-        seq = self._guard(lambda: self._put(topic, build, retain))
+        """Store one message built for the next seq, durably; return that seq.
+
+        On a full filesystem the oldest quarter is dropped (reason `disk`) and the put
+        tried once more; SpoolFull if it still does not fit."""
+        try:
+            seq = self._guard(lambda: self._put(topic, build, retain))
+        except (sqlite3.OperationalError, OSError) as exc:
+            if not _is_full(exc):
+                raise
+            self._make_room()
+            try:
+                seq = self._guard(lambda: self._put(topic, build, retain))
+            except (sqlite3.OperationalError, OSError) as again:
+                if not _is_full(again):
+                    raise
+                raise SpoolFull(f"spool {self.path}: filesystem full ({again})") from again
         self.enforce_caps()
         return seq
+
+    def _make_room(self) -> None:
+        logger.error("spool %s: filesystem full; dropping the oldest messages", self.path)
+        if not self._count:
+            return
+        try:
+            self._guard(
+                lambda: self._drop(self._oldest(max(16, self._count // 4)), DropReason.DISK)
+            )
+            self._guard(self._release_space)
+        except (sqlite3.OperationalError, OSError) as exc:
+            if not _is_full(exc):
+                raise
 
     def pending(self, limit: int = 100, after: int | None = None) -> list[SpoolEntry]:
         """Up to `limit` stored messages with seq > `after`, oldest first."""
