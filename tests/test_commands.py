@@ -39,6 +39,7 @@ from edgeagent.control.server import (
     build_command_server,
     describe_catalog,
     fit_output,
+    publish_topic_problem,
 )
 from edgeagent.events import EventBus
 from edgeagent.hw.system import SystemReader
@@ -318,6 +319,27 @@ async def make_rig(
         spool.close()
 
 
+@dataclass(frozen=True)
+class Request:
+    name: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation: bytes | None = None
+
+
+async def publish_many(port: int, requests: list[Request]) -> None:
+    """Publish in order from one MQTT 5 client (so they reach the device in this order)."""
+    async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+        for r in requests:
+            props = None
+            if r.response_topic is not None:
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props.ResponseTopic = r.response_topic
+                if r.correlation is not None:
+                    props.CorrelationData = r.correlation
+            await client.publish(f"{TOPICS.root}/cmd/{r.name}", r.payload, qos=1, properties=props)
+
+
 async def publish_raw(
     port: int,
     name: str,
@@ -326,14 +348,7 @@ async def publish_raw(
     response_topic: str | None = None,
     correlation: bytes | None = None,
 ) -> None:
-    props = None
-    if response_topic is not None:
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.ResponseTopic = response_topic
-        if correlation is not None:
-            props.CorrelationData = correlation
-    async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as client:
-        await client.publish(f"{TOPICS.root}/cmd/{name}", payload, qos=1, properties=props)
+    await publish_many(port, [Request(name, payload, response_topic, correlation)])
 
 
 def finals(messages: list[Received]) -> list[dict[str, Any]]:
@@ -424,6 +439,31 @@ def test_describe_catalog_for_info() -> None:
     assert listed.keys() == CATALOG.keys()
     assert listed["memory"]["armed"] is True and listed["crash"]["armed"] is False
     assert "armed" not in listed["ping"] and listed["logs"]["args"] == ["lines", "level", "since"]
+
+
+@pytest.mark.parametrize(
+    ("topic", "problem"),
+    [
+        ("operators/op-7/inbox", None),
+        (f"{TOPICS.root}/cmd-res/op-42", None),
+        ("a/" * 300 + "é😀\ufffd", None),  # deep, and any valid UTF-8
+        ("x" * 65_535, None),
+        ("", "empty"),
+        ("ops/+/inbox", "wildcard"),
+        ("ops/#", "wildcard"),
+        ("$SYS/broker/x", "broker"),
+        ("ops/\x00/inbox", "control character"),
+        ("ops\x1b[31m", "control character"),
+        ("ops\x85", "control character"),
+        ("ops\ufdd0", "noncharacter"),
+        ("ops\U0001ffff", "noncharacter"),
+        ("ops\udc80", "UTF-8"),  # a lone surrogate
+        ("é" * 32_768, "65535 bytes"),
+    ],
+)
+def test_publish_topic_problem(topic: str, problem: str | None) -> None:
+    said = publish_topic_problem(topic)
+    assert said is None if problem is None else said is not None and problem in said
 
 
 def test_fit_output_keeps_newest_log_lines_and_fits_the_budget() -> None:
@@ -740,19 +780,54 @@ async def test_one_dangerous_command_at_a_time_and_force_during_call(
 
 
 async def test_response_topic_and_correlation_data(tmp_path: Path, broker: Any) -> None:
+    inbox = "operators/op-7/inbox"
     async with (
         make_rig(tmp_path, broker.port) as rig,
-        collector(broker.port, f"{TOPICS.root}/cmd-res/#", f"{TOPICS.root}/events") as c,
+        collector(broker.port, f"{TOPICS.root}/cmd-res/#", f"{TOPICS.root}/events", inbox) as c,
     ):
-        t = rig.keys.token("ping")
-        mine = f"{TOPICS.root}/cmd-res/op-42"
-        await publish_raw(broker.port, "ping", t, response_topic=mine, correlation=b"corr-1")
-        got = await c.wait_for(lambda ms: [m for m in ms if m.topic == mine])
-        assert got[0].properties.CorrelationData == b"corr-1" and got[0].json()["code"] == 200
-        # A response topic outside cmd-res/ is not followed: the device answers on cmd-res/<id>.
-        t2 = rig.keys.token("ping")
-        await publish_raw(broker.port, "ping", t2, response_topic=TOPICS.status, correlation=b"x")
-        await expect_one(c, json_id(t2), 200, topic=TOPICS.cmd_res(json_id(t2)))
+
+        async def answer_on(topic: str, request_id: str | None) -> Received:
+            got = await c.wait_for(
+                lambda ms: [m for m in ms if m.topic == topic and m.json()["id"] == request_id]
+            )
+            assert len(got) == 1, got
+            assert_valid(TOPICS.cmd_res("x"), got[0].payload)
+            return got[0]
+
+        # The contract: the answer goes to the Response Topic, wherever it is, with the
+        # Correlation Data echoed (the broker's ACL decides where a device may publish).
+        for topic, corr in [(f"{TOPICS.root}/cmd-res/op-42", b"corr-1"), (inbox, b"\x00\xffbin")]:
+            t = rig.keys.token("ping")
+            await publish_raw(broker.port, "ping", t, response_topic=topic, correlation=corr)
+            got = await answer_on(topic, json_id(t))
+            assert got.properties.CorrelationData == corr
+            assert got.json()["code"] == 200 and "warning" not in got.json()
+        # 202 first, then the final answer: both to the Response Topic.
+        t = rig.keys.token("call_test", {"duration_s": 1})
+        await publish_raw(broker.port, "call_test", t, response_topic=inbox, correlation=b"c2")
+
+        def both(ms: list[Received]) -> list[Received]:
+            got = [m for m in ms if m.topic == inbox and m.json()["id"] == json_id(t)]
+            return got if len(got) >= 2 else []
+
+        got = await c.wait_for(both)
+        assert [m.json()["code"] for m in got] == [202, 200]
+        assert {m.properties.CorrelationData for m in got} == {b"c2"}
+
+        # A topic that cannot be published to is not followed: cmd-res/<id> (or invalid),
+        # with the correlation data and a warning saying why. The link stays up.
+        for bad, why in [("ops/+/inbox", "wildcard"), ("", "empty"), ("$SYS/x", "broker")]:
+            t = rig.keys.token("ping")
+            await publish_raw(broker.port, "ping", t, response_topic=bad, correlation=b"c3")
+            got = await answer_on(TOPICS.cmd_res(json_id(t)), json_id(t))
+            assert got.properties.CorrelationData == b"c3"
+            assert got.json()["code"] == 200 and why in got.json()["warning"]
+            assert TOPICS.cmd_res(json_id(t)) in got.json()["warning"]
+        await publish_raw(broker.port, "ping", b"garbage", response_topic="#", correlation=b"c4")
+        got = await answer_on(f"{TOPICS.root}/cmd-res/invalid", None)
+        assert got.json()["code"] == 400 and "wildcard" in got.json()["warning"]
+        assert got.properties.CorrelationData == b"c4"
+        assert rig.server.topics_refused == 4 and rig.link.connected.is_set()
 
 
 async def test_handler_bug_and_timeout_answer_500_and_the_server_lives_on(

@@ -11,10 +11,11 @@ arming of dangerous commands (403), an active call (409 unless the key may force
 dangerous command at a time (409), per-key request rate (429), heavy-command rate (429,
 persisted so restarts do not refill it).
 
-Responses go to the request's MQTT 5 response topic with its correlation data, but only
-when that topic is under `<root>/cmd-res/` (the device must not be steerable into publishing
-on its own telemetry topics); otherwise to `<root>/cmd-res/<id>`, or `<root>/cmd-res/invalid`
-when no id could be read.
+Responses go to the request's MQTT 5 Response Topic with its Correlation Data echoed, as the
+contract says; the broker's ACL is what limits where a device may publish. A Response Topic
+that cannot be published to (see `publish_topic_problem`) is not followed: the answer goes to
+`<root>/cmd-res/<id>` (`<root>/cmd-res/invalid` when no id could be read) with a `warning`
+saying why. Without a Response Topic (MQTT 3.1.1), answers go there too.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ __all__ = [
     "describe_catalog",
     "fit_output",
     "load_keys_file",
+    "publish_topic_problem",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,6 +80,14 @@ _JTI_RE: Final = re.compile(JTI_PATTERN)
 _CMD_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _ALL_ROLES: Final = frozenset(r.value for r in Role)
 _TAIL_KEYS: Final = frozenset({"lines", "logs", "breadcrumbs", "events"})  # keep the newest
+# MQTT topic names are at most 65535 bytes of UTF-8 (MQTT 5.0 section 1.5.4).
+MAX_TOPIC_BYTES: Final = 65_535
+# Code points mosquitto refuses in a topic (it disconnects the publisher: "malformed packet"):
+# controls, and the Unicode noncharacters.
+_NONCHARACTERS: Final = "".join(
+    chr(plane + low) for plane in range(0, 0x110000, 0x10000) for low in (0xFFFE, 0xFFFF)
+)
+_BAD_TOPIC_CHAR_RE: Final = re.compile(f"[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef{_NONCHARACTERS}]")
 
 
 class CommandContext(Protocol):
@@ -191,6 +201,25 @@ def describe_catalog(armed: set[str] | frozenset[str] = frozenset()) -> list[dic
     ]
 
 
+def publish_topic_problem(topic: str) -> str | None:
+    """Why the device cannot publish to `topic` (a request's Response Topic), or None."""
+    if not topic:
+        return "it is empty"
+    if "+" in topic or "#" in topic:
+        return "it contains a wildcard"
+    if topic.startswith("$"):
+        return "topics starting with $ belong to the broker"
+    if _BAD_TOPIC_CHAR_RE.search(topic):
+        return "it contains a control character or a Unicode noncharacter"
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8"
+    if size > MAX_TOPIC_BYTES:
+        return f"it is over MQTT's {MAX_TOPIC_BYTES} bytes"
+    return None
+
+
 def load_keys_file(path: Path) -> dict[str, TrustedKey]:
     """Trusted operator keys from a JSON file: a list of entries, or {"keys": [...]}."""
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -286,6 +315,7 @@ class CommandServer:
         self.executed: dict[str, int] = {}  # handler runs per command (tests, stats)
         self.answered: dict[int, int] = {}  # final answers per code
         self.dropped = 0
+        self.topics_refused = 0  # Response Topics that could not be published to
         self.local_ready = asyncio.Event()
         self._local_writers: set[asyncio.StreamWriter] = set()
         link.subscribe(topics.cmd_filter, self.on_inbound)
@@ -459,21 +489,16 @@ class CommandServer:
             truncated=truncated,
         )
 
-    def response_topic(self, req: _Request, jti: str | None) -> str:
-        """Where the answer to `req` goes (see the module docstring)."""
-        prefix = f"{self._topics.root}/cmd-res/"
+    def route(self, req: _Request, jti: str | None) -> tuple[str, str | None]:
+        """Where the answer to `req` goes, and why its Response Topic was refused (if it was)."""
+        fallback = self._topics.cmd_res(jti if jti and _JTI_RE.fullmatch(jti) else "invalid")
         rt = req.response_topic
-        if (
-            rt is not None
-            and rt.startswith(prefix)
-            and len(rt) <= 512
-            and len(rt) > len(prefix)
-            and not any(ch in rt for ch in "+#\x00")
-        ):
-            return rt
-        if rt is not None:
-            logger.warning("commands: response topic %.80r refused; using cmd-res", rt)
-        return self._topics.cmd_res(jti if jti and _JTI_RE.fullmatch(jti) else "invalid")
+        if rt is None:
+            return fallback, None
+        problem = publish_topic_problem(rt)
+        if problem is None:
+            return rt, None
+        return fallback, f"response topic not followed: {problem}; answered on {fallback}"
 
     async def _answer(self, req: _Request, response: p.CommandResponse, *, final: bool) -> None:
         if final:
@@ -481,10 +506,18 @@ class CommandServer:
         if req.sink is not None:
             await req.sink(response, final)
             return
-        topic = self.response_topic(req, response.id)
-        correlation = req.correlation if req.response_topic == topic else None
+        topic, refused = self.route(req, response.id)
+        if refused is not None:
+            response = msgspec.structs.replace(response, warning=refused)
+            if final:
+                self.topics_refused += 1
+                log = logger.warning if self.topics_refused == 1 else logger.debug
+                log("commands: %s %.80r: %s", response.cmd, req.response_topic, refused)
         try:
-            await self._link.publish(topic, p.encode(response), qos=1, correlation_data=correlation)
+            # The Correlation Data is echoed wherever the answer goes (MQTT 5 only).
+            await self._link.publish(
+                topic, p.encode(response), qos=1, correlation_data=req.correlation
+            )
         except BrokerUnavailable as exc:
             logger.warning("commands: answer to %s lost: %s", response.id, exc)
 
