@@ -830,6 +830,83 @@ async def test_response_topic_and_correlation_data(tmp_path: Path, broker: Any) 
         assert rig.server.topics_refused == 4 and rig.link.connected.is_set()
 
 
+async def test_a_burst_past_the_queue_and_in_flight_caps_gets_one_answer_each(
+    tmp_path: Path, broker: Any
+) -> None:
+    inbox = "operators/op-7/inbox"
+    limits = CommandLimits(queue_size=4, max_in_flight=2)
+    async with (
+        make_rig(tmp_path, broker.port, limits=limits, start_server=False) as rig,
+        collector(broker.port, f"{TOPICS.root}/cmd-res/#", f"{TOPICS.root}/events", inbox) as c,
+    ):
+
+        def answers(ms: list[Received]) -> list[Received]:
+            return [m for m in ms if "/cmd-res/" in m.topic or m.topic == inbox]
+
+        burst = [Request("ping", rig.keys.token("ping", kid="reader")) for _ in range(10)]
+        burst[3] = replace(burst[3], response_topic=inbox, correlation=b"in-flight")
+        burst[7] = replace(burst[7], response_topic=inbox, correlation=b"queue")
+        burst[8] = Request("ping", json.dumps(command_claims(DEVICE, "ping")).encode())  # 401
+        burst[9] = Request("ping", b"garbage")
+        await publish_many(broker.port, burst)
+        async with asyncio.timeout(10):
+            while rig.server.received < len(burst):  # bounded poll: no event says "arrived"
+                await asyncio.sleep(0.01)
+        # The first 4 are queued, the other 6 refused at once; all wait for the server.
+        assert rig.server.answered == {}
+        rig.server_task = asyncio.create_task(rig.server.run())
+
+        got = await c.wait_for(lambda ms: len(answers(ms)) >= len(burst) and answers(ms))
+        ids = [json_id(r.payload) for r in burst[:8]] + [
+            json.loads(burst[8].payload)["jti"],
+            None,
+        ]
+        by_id = {m.json()["id"]: m for m in got}
+        assert len(got) == len(by_id) == len(burst) and set(by_id) == set(ids)
+        codes = [by_id[i].json()["code"] for i in ids]
+        # Two ran; two more found the in-flight cap full; the queue refused the rest: every
+        # refusal is a 429 with the request's (unverified) id, none of them verified or run.
+        assert codes == [200, 200, 429, 429, 429, 429, 429, 429, 429, 429]
+        assert "in flight" in by_id[ids[2]].json()["error"]
+        assert "queue full" in by_id[ids[9]].json()["error"]
+        for i, r in zip(ids, burst, strict=True):
+            m = by_id[i]
+            assert m.topic == (r.response_topic or TOPICS.cmd_res(i or "invalid"))
+            assert getattr(m.properties, "CorrelationData", None) == r.correlation
+            assert_valid(TOPICS.cmd_res("x"), m.payload)
+        assert rig.server.executed == {"ping": 2} and rig.server.dropped == 0
+        # Nothing more arrives: one answer each.
+        t = rig.keys.token("ping", kid="reader")
+        await publish_raw(broker.port, "ping", t)
+        await expect_one(c, json_id(t), 200)
+        assert len(answers(c.messages)) == len(burst) + 1
+
+
+async def test_the_429_backlog_of_a_flood_is_bounded(tmp_path: Path, broker: Any) -> None:
+    # Room for the 429s of two refused requests (each costs 256 bytes plus its topic and
+    # correlation); past that a flood is dropped unanswered and counted, not buffered.
+    limits = CommandLimits(queue_size=1, refusal_backlog_bytes=600)
+    async with (
+        make_rig(tmp_path, broker.port, limits=limits, start_server=False) as rig,
+        collector(broker.port, f"{TOPICS.root}/cmd-res/#", f"{TOPICS.root}/events") as c,
+    ):
+        burst = [Request("ping", rig.keys.token("ping", kid="reader")) for _ in range(6)]
+        await publish_many(broker.port, burst)
+        async with asyncio.timeout(10):
+            while rig.server.received < len(burst):  # bounded poll: no event says "arrived"
+                await asyncio.sleep(0.01)
+        assert rig.server.dropped == 3
+        rig.server_task = asyncio.create_task(rig.server.run())
+        got = await c.wait_for(lambda ms: len(finals(ms)) >= 3 and finals(ms))
+        answered = {r["id"]: r["code"] for r in got}
+        ids = [json_id(r.payload) for r in burst]
+        assert answered == {ids[0]: 200, ids[1]: 429, ids[2]: 429}
+        t = rig.keys.token("ping", kid="reader")
+        await publish_raw(broker.port, "ping", t)  # the backlog drained: room again
+        await expect_one(c, json_id(t), 200)
+        assert len(finals(c.messages)) == 4 and rig.server.answered == {200: 2, 429: 2}
+
+
 async def test_handler_bug_and_timeout_answer_500_and_the_server_lives_on(
     tmp_path: Path, broker: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

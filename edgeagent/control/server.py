@@ -11,6 +11,11 @@ arming of dangerous commands (403), an active call (409 unless the key may force
 dangerous command at a time (409), per-key request rate (429), heavy-command rate (429,
 persisted so restarts do not refill it).
 
+A flood past the queue or the in-flight cap is answered 429 without verification: the id is
+peeked from the payload (unauthenticated; nothing runs), the answers wait in a backlog bounded
+in bytes and go out from one task, a batch at a time. Past that backlog, requests are dropped
+unanswered (counted, logged): the one place "exactly one answer" yields to staying alive.
+
 Responses go to the request's MQTT 5 Response Topic with its Correlation Data echoed, as the
 contract says; the broker's ACL is what limits where a device may publish. A Response Topic
 that cannot be published to (see `publish_topic_problem`) is not followed: the answer goes to
@@ -28,6 +33,7 @@ import os
 import re
 import stat
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +57,7 @@ from edgeagent.control.keys import TrustedKey, load_trusted_keys
 from edgeagent.control.ratelimit import RateLimiter
 from edgeagent.control.redact import Redactor
 from edgeagent.control.replay import ReplayCache
-from edgeagent.control.tokens import JTI_PATTERN, VerifiedCommand, Verifier
+from edgeagent.control.tokens import JTI_PATTERN, VerifiedCommand, Verifier, peek_jti
 from edgeagent.mqtt import BrokerLink, BrokerUnavailable, Inbound
 from edgeagent.telemetry import payloads as p
 from edgeagent.telemetry.publisher import Publisher
@@ -88,6 +94,9 @@ _NONCHARACTERS: Final = "".join(
     chr(plane + low) for plane in range(0, 0x110000, 0x10000) for low in (0xFFFE, 0xFFFF)
 )
 _BAD_TOPIC_CHAR_RE: Final = re.compile(f"[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef{_NONCHARACTERS}]")
+# A refused request waiting for its 429 is charged its topic, correlation data and this.
+_REFUSAL_OVERHEAD_BYTES: Final = 256
+_REFUSAL_BATCH: Final = 32  # 429s published concurrently, one batch at a time
 
 
 class CommandContext(Protocol):
@@ -165,7 +174,8 @@ class CommandLimits:
     heavy_rate_per_s: float = 1 / 60  # per heavy command, persisted
     heavy_burst: float = 5.0
     max_in_flight: int = 32  # requests beyond this are answered 429 unverified
-    queue_size: int = 1024  # past this, requests are dropped (logged): a flood
+    queue_size: int = 1024  # past this, requests are answered 429 unverified: a flood
+    refusal_backlog_bytes: int = 1 << 20  # 429s waiting to go out; past this, dropped (logged)
     accept_first: frozenset[str] = ACCEPT_FIRST
 
 
@@ -314,8 +324,12 @@ class CommandServer:
         self._dangerous: str | None = None
         self.executed: dict[str, int] = {}  # handler runs per command (tests, stats)
         self.answered: dict[int, int] = {}  # final answers per code
-        self.dropped = 0
+        self.received = 0  # MQTT requests that reached on_inbound
+        self.dropped = 0  # requests left unanswered: the refusal backlog was full
         self.topics_refused = 0  # Response Topics that could not be published to
+        self._refusals: deque[tuple[_Request, str | None, str, int]] = deque()
+        self._refusal_bytes = 0
+        self._refusals_waiting = asyncio.Event()
         self.local_ready = asyncio.Event()
         self._local_writers: set[asyncio.StreamWriter] = set()
         link.subscribe(topics.cmd_filter, self.on_inbound)
@@ -324,7 +338,10 @@ class CommandServer:
 
     def on_inbound(self, message: Inbound) -> None:
         """The link's callback for `<root>/cmd/+`; queues the request (never blocks)."""
-        self._enqueue(self._mqtt_request(message))
+        self.received += 1
+        request = self._mqtt_request(message)
+        if not self._enqueue(request):
+            self._refuse(request, "request queue full")
 
     async def process(self, message: Inbound) -> None:
         """Answer one MQTT request inline: what `run()` does for each queued one."""
@@ -344,11 +361,30 @@ class CommandServer:
         try:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                logger.warning("commands: request queue full; %d dropped", self.dropped)
             return False
         return True
+
+    def _refuse(self, request: _Request, reason: str) -> None:
+        """Queue a 429 for an unverified MQTT request; drop it if the backlog is full."""
+        jti = peek_jti(request.payload)
+        cost = (
+            _REFUSAL_OVERHEAD_BYTES
+            + len(request.response_topic or "")
+            + len(request.correlation or b"")
+        )
+        if self._refusal_bytes + cost > self.limits.refusal_backlog_bytes:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                logger.warning(
+                    "commands: flood: %s and the 429 backlog is full; %d dropped unanswered",
+                    reason,
+                    self.dropped,
+                )
+            return
+        request.payload = b""  # only what the answer needs is kept
+        self._refusals.append((request, jti, reason, cost))
+        self._refusal_bytes += cost
+        self._refusals_waiting.set()
 
     async def run(self) -> None:
         """Serve until cancelled: the request queue, and the local socket when configured."""
@@ -356,6 +392,7 @@ class CommandServer:
             async with asyncio.TaskGroup() as tg:
                 if self.local_socket is not None:
                     tg.create_task(self._serve_local(self.local_socket), name="cmd-local")
+                tg.create_task(self._answer_refusals(), name="cmd-refusals")
                 while True:
                     request = await self._queue.get()
                     tg.create_task(self._process(request), name=f"cmd:{request.topic_cmd}")
@@ -370,8 +407,10 @@ class CommandServer:
         after: Callable[[], None] | None = None
         try:
             if self._in_flight > self.limits.max_in_flight:
+                # Unverified, like the queue's refusals: the id is only peeked.
+                jti = req.local.jti if req.local is not None else peek_jti(req.payload)
                 final = self._response(
-                    req, None, Status.RATE_LIMITED, error="too many requests in flight"
+                    req, jti, Status.RATE_LIMITED, error="too many requests in flight"
                 )
                 kid: str | None = None
             else:
@@ -520,6 +559,25 @@ class CommandServer:
             )
         except BrokerUnavailable as exc:
             logger.warning("commands: answer to %s lost: %s", response.id, exc)
+
+    async def _answer_refusals(self) -> None:
+        """Send the queued 429s, a bounded batch at a time, until cancelled."""
+        while True:
+            await self._refusals_waiting.wait()
+            self._refusals_waiting.clear()
+            while self._refusals:
+                batch = [
+                    self._refusals.popleft()
+                    for _ in range(min(_REFUSAL_BATCH, len(self._refusals)))
+                ]
+                await asyncio.gather(*(self._send_refusal(*item) for item in batch))
+
+    async def _send_refusal(self, req: _Request, jti: str | None, reason: str, cost: int) -> None:
+        try:
+            response = self._response(req, jti, Status.RATE_LIMITED, error=reason)
+            await self._answer(req, response, final=True)
+        finally:
+            self._refusal_bytes -= cost
 
     def _audit(self, req: _Request, response: p.CommandResponse, kid: str | None) -> None:
         level: p.Level = "info" if response.ok else "warning"
