@@ -29,7 +29,7 @@ from edgeagent import ctl
 from edgeagent.clock import Clock, FakeClock, SystemClock
 from edgeagent.config import MqttConfig
 from edgeagent.control.catalog import CATALOG, CommandError, Status
-from edgeagent.control.handlers import apply_log_level
+from edgeagent.control.handlers import apply_log_level, check_hangup_target
 from edgeagent.control.keys import command_claims, generate_keypair, sign_command
 from edgeagent.control.redact import MASK, redact, redact_text
 from edgeagent.control.server import (
@@ -120,10 +120,12 @@ class StaticContext:
         return {"call_id": call_id, "peer": peer or "default-peer"}
 
     async def hangup(self, call_id: str | None) -> dict[str, Any]:
-        if not self.calls or (call_id is not None and call_id not in self.calls):
-            raise CommandError(Status.NOT_FOUND, f"no call {call_id!r}")
-        ended, self.calls = list(self.calls), []
-        return {"ended": ended}
+        active = self.calls[-1] if self.calls else None
+        check_hangup_target(active, call_id)  # as the agent does
+        if active is None:
+            return {"ended": False, "call_id": None, "result": None}
+        self.calls = []
+        return {"ended": True, "call_id": active, "result": "completed"}
 
     async def call_test(self, peer: str | None, duration_s: int) -> dict[str, Any]:
         started = time.monotonic()
@@ -585,9 +587,19 @@ async def test_dial_hangup_call_test_diagnose_via_context(
         rc, resp = await run_ctl(capsys, rig.ctl_argv("dial", "peer=operator-2"))
         assert resp["code"] == 409 and rc == ctl.EXIT_CODES[409]  # the context said busy
         rc, resp = await run_ctl(capsys, rig.ctl_argv("hangup", "call_id=nope"))
-        assert resp["code"] == 404 and rc == ctl.EXIT_CODES[404]
+        assert resp["code"] == 400 and rc == ctl.EXIT_CODES[400]
+        assert resp["error"] == "call 'nope' is not active; the active call is call-1"
         rc, resp = await run_ctl(capsys, rig.ctl_argv("hangup"))
-        assert rc == 0 and resp["result"] == {"ended": ["call-1"]}
+        assert rc == 0 and resp["result"] == {
+            "ended": True,
+            "call_id": "call-1",
+            "result": "completed",
+        }
+        # Idempotent: nothing to end is ok and says so; naming a call is still checked.
+        rc, resp = await run_ctl(capsys, rig.ctl_argv("hangup"))
+        assert rc == 0 and resp["result"] == {"ended": False, "call_id": None, "result": None}
+        rc, resp = await run_ctl(capsys, rig.ctl_argv("hangup", "call_id=call-1"))
+        assert resp["code"] == 400 and "no call is active" in resp["error"]
         rc, resp = await run_ctl(capsys, rig.ctl_argv("call_test", "duration_s=2"))
         assert rc == 0 and resp["result"]["peer"] == "echo" and resp["result"]["waited_ms"] >= 40
         rc, resp = await run_ctl(capsys, rig.ctl_argv("diagnose", 'checks=["broker","dns","stun"]'))
@@ -597,7 +609,7 @@ async def test_dial_hangup_call_test_diagnose_via_context(
         }
         rc, resp = await run_ctl(capsys, rig.ctl_argv("dial", "peer=Not_A_Valid_Id"))
         assert resp["code"] == 400 and "peer" in resp["error"]
-        assert rig.server.executed == {"dial": 2, "hangup": 2, "call_test": 1, "diagnose": 1}
+        assert rig.server.executed == {"dial": 2, "hangup": 4, "call_test": 1, "diagnose": 1}
 
 
 @pytest.mark.slow

@@ -138,11 +138,15 @@ class CommandContext(Protocol):
     def call_active(self) -> bool: ...
 
     async def dial(self, peer: str | None) -> dict[str, Any]:
-        """Start a call (None: the default peer); CommandError 409 busy, 404 no such peer."""
+        """Start a call (None: the default peer); CommandError 409 busy, 400 no valid peer."""
         ...
 
     async def hangup(self, call_id: str | None) -> dict[str, Any]:
-        """End one call (None: all); CommandError 404 when there is no such call."""
+        """End the active call: {"ended", "call_id", "result"}; ended False when none was.
+
+        CommandError 400 when `call_id` is given and is not the active call
+        (`handlers.check_hangup_target`).
+        """
         ...
 
     async def call_test(self, peer: str | None, duration_s: int) -> dict[str, Any]:
