@@ -39,7 +39,6 @@ from edgeagent.control.server import (
     build_command_server,
     describe_catalog,
     fit_output,
-    publish_topic_problem,
 )
 from edgeagent.events import EventBus
 from edgeagent.hw.system import SystemReader
@@ -47,7 +46,7 @@ from edgeagent.mqtt import BrokerLink, SessionCounter
 from edgeagent.telemetry.breadcrumbs import Breadcrumbs, Crumb, LogRing
 from edgeagent.telemetry.publisher import Publisher
 from edgeagent.telemetry.spool import Spool
-from edgeagent.telemetry.topics import Topics
+from edgeagent.telemetry.topics import Topics, publish_topic_problem
 
 DEVICE = "dev-1"
 TOPICS = Topics("edge/v1", DEVICE)

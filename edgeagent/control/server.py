@@ -18,7 +18,7 @@ unanswered (counted, logged): the one place "exactly one answer" yields to stayi
 
 Responses go to the request's MQTT 5 Response Topic with its Correlation Data echoed, as the
 contract says; the broker's ACL is what limits where a device may publish. A Response Topic
-that cannot be published to (see `publish_topic_problem`) is not followed: the answer goes to
+that cannot be published to (`topics.publish_topic_problem`) is not followed: the answer goes to
 `<root>/cmd-res/<id>` (`<root>/cmd-res/invalid` when no id could be read) with a `warning`
 saying why. Without a Response Topic (MQTT 3.1.1), answers go there too.
 """
@@ -61,7 +61,7 @@ from edgeagent.control.tokens import JTI_PATTERN, VerifiedCommand, Verifier, pee
 from edgeagent.mqtt import BrokerLink, BrokerUnavailable, Inbound
 from edgeagent.telemetry import payloads as p
 from edgeagent.telemetry.publisher import Publisher
-from edgeagent.telemetry.topics import Topics
+from edgeagent.telemetry.topics import Topics, publish_topic_problem
 
 __all__ = [
     "ACCEPT_FIRST",
@@ -73,7 +73,6 @@ __all__ = [
     "describe_catalog",
     "fit_output",
     "load_keys_file",
-    "publish_topic_problem",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,14 +85,6 @@ _JTI_RE: Final = re.compile(JTI_PATTERN)
 _CMD_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _ALL_ROLES: Final = frozenset(r.value for r in Role)
 _TAIL_KEYS: Final = frozenset({"lines", "logs", "breadcrumbs", "events"})  # keep the newest
-# MQTT topic names are at most 65535 bytes of UTF-8 (MQTT 5.0 section 1.5.4).
-MAX_TOPIC_BYTES: Final = 65_535
-# Code points mosquitto refuses in a topic (it disconnects the publisher: "malformed packet"):
-# controls, and the Unicode noncharacters.
-_NONCHARACTERS: Final = "".join(
-    chr(plane + low) for plane in range(0, 0x110000, 0x10000) for low in (0xFFFE, 0xFFFF)
-)
-_BAD_TOPIC_CHAR_RE: Final = re.compile(f"[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef{_NONCHARACTERS}]")
 # A refused request waiting for its 429 is charged its topic, correlation data and this.
 _REFUSAL_OVERHEAD_BYTES: Final = 256
 _REFUSAL_BATCH: Final = 32  # 429s published concurrently, one batch at a time
@@ -213,25 +204,6 @@ def describe_catalog(armed: set[str] | frozenset[str] = frozenset()) -> list[dic
         }
         for s in CATALOG.values()
     ]
-
-
-def publish_topic_problem(topic: str) -> str | None:
-    """Why the device cannot publish to `topic` (a request's Response Topic), or None."""
-    if not topic:
-        return "it is empty"
-    if "+" in topic or "#" in topic:
-        return "it contains a wildcard"
-    if topic.startswith("$"):
-        return "topics starting with $ belong to the broker"
-    if _BAD_TOPIC_CHAR_RE.search(topic):
-        return "it contains a control character or a Unicode noncharacter"
-    try:
-        size = len(topic.encode("utf-8"))
-    except UnicodeEncodeError:
-        return "it is not valid UTF-8"
-    if size > MAX_TOPIC_BYTES:
-        return f"it is over MQTT's {MAX_TOPIC_BYTES} bytes"
-    return None
 
 
 def load_keys_file(path: Path) -> dict[str, TrustedKey]:
