@@ -26,7 +26,7 @@ from edgeagent.call.manager import Call, CallManager
 from edgeagent.clock import Clock, SystemClock
 from edgeagent.config import Config, config_hash
 from edgeagent.control.catalog import CommandError
-from edgeagent.control.handlers import apply_log_level
+from edgeagent.control.handlers import apply_log_level, check_hangup_target
 from edgeagent.control.server import build_command_server, describe_catalog
 from edgeagent.events import BrokerConnected, BrokerDisconnected, EventBus, HealthChanged, Noted
 from edgeagent.health.alerts import (
@@ -591,10 +591,11 @@ class Agent:
 
     async def hangup(self, call_id: str | None) -> dict[str, Any]:
         active = self.calls_mgr.active
-        if active is None or (call_id is not None and active.call_id != call_id):
-            raise CommandError(404, "no such active call")
+        check_hangup_target(None if active is None else active.call_id, call_id)
+        if active is None:
+            return {"ended": False, "call_id": None, "result": None}
         await self.calls_mgr.hangup("remote_command")
-        return {"call_id": active.call_id, "result": active.result}
+        return {"ended": True, "call_id": active.call_id, "result": active.result}
 
     async def call_test(self, peer: str | None, duration_s: int) -> dict[str, Any]:
         """Call the echo peer with a known signal: round trip, levels, echo verdict, score."""

@@ -168,8 +168,9 @@ async def send_command(
 ) -> dict[str, Any]:
     """Publish one (signed, or open when private_jwk is None) command and await its answer.
 
-    MQTT 5 with a response topic under the device's `cmd-res/` and the request id as
-    correlation data. Raises CtlError on timeout or when the broker is unreachable.
+    MQTT 5 with a response topic under the device's `cmd-res/` (where the broker ACL lets a
+    device answer: docs/commands.md) and the request id as correlation data. Raises CtlError
+    on timeout or when the broker is unreachable.
     """
     claims = command_claims(device, name, args, lifetime_s=lifetime_s)
     jti = claims["jti"]
@@ -249,6 +250,8 @@ def _print_response(console: Console, response: dict[str, Any]) -> None:
     console.print(head)
     if response.get("error"):
         console.print(f"[red]{response['error']}[/]", markup=True, highlight=False)
+    if response.get("warning"):  # e.g. the device did not follow the Response Topic
+        console.print(str(response["warning"]), style="yellow", markup=False, highlight=False)
     result = response.get("result")
     if isinstance(result, dict) and isinstance(result.get("lines"), list):
         for line in result["lines"]:

@@ -181,11 +181,15 @@ async def test_devices_are_confined_to_their_own_topics(
         # A publishes its own telemetry and answers; it cannot spoof B's telemetry.
         await a.client.publish("edge/v1/dev-b/metrics", b"spoofed", qos=1)
         await a.client.publish("edge/v1/dev-a/cmd-res/x1", b"answer", qos=1)
+        # A Response Topic naming B's answers cannot make A answer as B: the ACL, not the
+        # device, confines where command answers go (docs/commands.md).
+        await a.client.publish("edge/v1/dev-b/cmd-res/x2", b"steered", qos=1)
         await a.client.publish("edge/v1/dev-a/metrics", b"real", qos=1)
         await op.wait_for(lambda ms: [m for m in ms if m.topic == "edge/v1/dev-a/metrics"])
         seen = {(m.topic, m.payload) for m in op.messages}
         assert ("edge/v1/dev-a/cmd-res/x1", b"answer") in seen
         assert ("edge/v1/dev-b/metrics", b"spoofed") not in seen
+        assert ("edge/v1/dev-b/cmd-res/x2", b"steered") not in seen
         # Devices cannot impersonate operators on the command topics of others, nor
         # publish commands to themselves (only operators write cmd/).
         await a.client.publish("edge/v1/dev-a/cmd/crash", b"self", qos=1)

@@ -18,6 +18,8 @@ from call_support import (
 )
 from schema_support import assert_valid
 
+from edgeagent.control.catalog import CommandError
+
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
@@ -163,3 +165,39 @@ async def test_a_stopped_echo_peer_hangs_up_and_goes_offline_with_its_reason(
     assert status[-1]["reason"] == "test over"
     assert (kept[0]["state"], kept[0]["reason"]) == ("offline", "test over")
     assert sa[0]["result"] == "completed"  # the call ended; it did not fail
+
+
+async def test_remote_dial_and_hangup_codes(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """The agent's dial/hangup as the command server calls them: 400 for a bad target, and an
+    idempotent hangup (404 is only for unknown commands)."""
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg = endpoint_config(tmp_path, broker.port, "dev-a", alsa)
+    async with collector(broker.port, "edge/v1/nobody-home/signal") as c, running(cfg) as a:
+        assert await a.hangup(None) == {"ended": False, "call_id": None, "result": None}
+        with pytest.raises(CommandError) as info:
+            await a.hangup("call-x")
+        assert info.value.code == 400
+        assert info.value.message == "call 'call-x' is not active; no call is active"
+        for peer in (None, "Not_A_Valid_Id"):  # no default peer configured; a bad id
+            with pytest.raises(CommandError) as info:
+                await a.dial(peer)
+            assert info.value.code == 400 and "no valid peer" in info.value.message
+
+        dialed = await a.dial("nobody-home")  # an offer nobody answers: the call rings
+        await c.wait_for(lambda ms: [m for m in ms if m.json()["type"] == "offer"])
+        with pytest.raises(CommandError) as info:
+            await a.dial("nobody-home")
+        assert info.value.code == 409
+        with pytest.raises(CommandError) as info:
+            await a.hangup("call-x")
+        assert info.value.code == 400 and dialed["call_id"] in info.value.message
+        assert a.calls_mgr.active is not None  # the wrong id ended nothing
+        ended = await a.hangup(dialed["call_id"])
+        assert ended["ended"] is True and ended["call_id"] == dialed["call_id"]
+        assert a.calls_mgr.active is None
+        await c.wait_for(lambda ms: [m for m in ms if m.json()["type"] == "hangup"])
+        assert await a.hangup(None) == {"ended": False, "call_id": None, "result": None}

@@ -29,7 +29,7 @@ from edgeagent import ctl
 from edgeagent.clock import Clock, FakeClock, SystemClock
 from edgeagent.config import MqttConfig
 from edgeagent.control.catalog import CATALOG, CommandError, Status
-from edgeagent.control.handlers import apply_log_level
+from edgeagent.control.handlers import apply_log_level, check_hangup_target
 from edgeagent.control.keys import command_claims, generate_keypair, sign_command
 from edgeagent.control.redact import MASK, redact, redact_text
 from edgeagent.control.server import (
@@ -46,7 +46,7 @@ from edgeagent.mqtt import BrokerLink, SessionCounter
 from edgeagent.telemetry.breadcrumbs import Breadcrumbs, Crumb, LogRing
 from edgeagent.telemetry.publisher import Publisher
 from edgeagent.telemetry.spool import Spool
-from edgeagent.telemetry.topics import Topics
+from edgeagent.telemetry.topics import Topics, publish_topic_problem
 
 DEVICE = "dev-1"
 TOPICS = Topics("edge/v1", DEVICE)
@@ -119,10 +119,12 @@ class StaticContext:
         return {"call_id": call_id, "peer": peer or "default-peer"}
 
     async def hangup(self, call_id: str | None) -> dict[str, Any]:
-        if not self.calls or (call_id is not None and call_id not in self.calls):
-            raise CommandError(Status.NOT_FOUND, f"no call {call_id!r}")
-        ended, self.calls = list(self.calls), []
-        return {"ended": ended}
+        active = self.calls[-1] if self.calls else None
+        check_hangup_target(active, call_id)  # as the agent does
+        if active is None:
+            return {"ended": False, "call_id": None, "result": None}
+        self.calls = []
+        return {"ended": True, "call_id": active, "result": "completed"}
 
     async def call_test(self, peer: str | None, duration_s: int) -> dict[str, Any]:
         started = time.monotonic()
@@ -318,6 +320,27 @@ async def make_rig(
         spool.close()
 
 
+@dataclass(frozen=True)
+class Request:
+    name: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation: bytes | None = None
+
+
+async def publish_many(port: int, requests: list[Request]) -> None:
+    """Publish in order from one MQTT 5 client (so they reach the device in this order)."""
+    async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+        for r in requests:
+            props = None
+            if r.response_topic is not None:
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props.ResponseTopic = r.response_topic
+                if r.correlation is not None:
+                    props.CorrelationData = r.correlation
+            await client.publish(f"{TOPICS.root}/cmd/{r.name}", r.payload, qos=1, properties=props)
+
+
 async def publish_raw(
     port: int,
     name: str,
@@ -326,14 +349,7 @@ async def publish_raw(
     response_topic: str | None = None,
     correlation: bytes | None = None,
 ) -> None:
-    props = None
-    if response_topic is not None:
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.ResponseTopic = response_topic
-        if correlation is not None:
-            props.CorrelationData = correlation
-    async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as client:
-        await client.publish(f"{TOPICS.root}/cmd/{name}", payload, qos=1, properties=props)
+    await publish_many(port, [Request(name, payload, response_topic, correlation)])
 
 
 def finals(messages: list[Received]) -> list[dict[str, Any]]:
@@ -424,6 +440,31 @@ def test_describe_catalog_for_info() -> None:
     assert listed.keys() == CATALOG.keys()
     assert listed["memory"]["armed"] is True and listed["crash"]["armed"] is False
     assert "armed" not in listed["ping"] and listed["logs"]["args"] == ["lines", "level", "since"]
+
+
+@pytest.mark.parametrize(
+    ("topic", "problem"),
+    [
+        ("operators/op-7/inbox", None),
+        (f"{TOPICS.root}/cmd-res/op-42", None),
+        ("a/" * 300 + "é😀\ufffd", None),  # deep, and any valid UTF-8
+        ("x" * 65_535, None),
+        ("", "empty"),
+        ("ops/+/inbox", "wildcard"),
+        ("ops/#", "wildcard"),
+        ("$SYS/broker/x", "broker"),
+        ("ops/\x00/inbox", "control character"),
+        ("ops\x1b[31m", "control character"),
+        ("ops\x85", "control character"),
+        ("ops\ufdd0", "noncharacter"),
+        ("ops\U0001ffff", "noncharacter"),
+        ("ops\udc80", "UTF-8"),  # a lone surrogate
+        ("é" * 32_768, "65535 bytes"),
+    ],
+)
+def test_publish_topic_problem(topic: str, problem: str | None) -> None:
+    said = publish_topic_problem(topic)
+    assert said is None if problem is None else said is not None and problem in said
 
 
 def test_fit_output_keeps_newest_log_lines_and_fits_the_budget() -> None:
@@ -545,9 +586,19 @@ async def test_dial_hangup_call_test_diagnose_via_context(
         rc, resp = await run_ctl(capsys, rig.ctl_argv("dial", "peer=operator-2"))
         assert resp["code"] == 409 and rc == ctl.EXIT_CODES[409]  # the context said busy
         rc, resp = await run_ctl(capsys, rig.ctl_argv("hangup", "call_id=nope"))
-        assert resp["code"] == 404 and rc == ctl.EXIT_CODES[404]
+        assert resp["code"] == 400 and rc == ctl.EXIT_CODES[400]
+        assert resp["error"] == "call 'nope' is not active; the active call is call-1"
         rc, resp = await run_ctl(capsys, rig.ctl_argv("hangup"))
-        assert rc == 0 and resp["result"] == {"ended": ["call-1"]}
+        assert rc == 0 and resp["result"] == {
+            "ended": True,
+            "call_id": "call-1",
+            "result": "completed",
+        }
+        # Idempotent: nothing to end is ok and says so; naming a call is still checked.
+        rc, resp = await run_ctl(capsys, rig.ctl_argv("hangup"))
+        assert rc == 0 and resp["result"] == {"ended": False, "call_id": None, "result": None}
+        rc, resp = await run_ctl(capsys, rig.ctl_argv("hangup", "call_id=call-1"))
+        assert resp["code"] == 400 and "no call is active" in resp["error"]
         rc, resp = await run_ctl(capsys, rig.ctl_argv("call_test", "duration_s=2"))
         assert rc == 0 and resp["result"]["peer"] == "echo" and resp["result"]["waited_ms"] >= 40
         rc, resp = await run_ctl(capsys, rig.ctl_argv("diagnose", 'checks=["broker","dns","stun"]'))
@@ -557,7 +608,7 @@ async def test_dial_hangup_call_test_diagnose_via_context(
         }
         rc, resp = await run_ctl(capsys, rig.ctl_argv("dial", "peer=Not_A_Valid_Id"))
         assert resp["code"] == 400 and "peer" in resp["error"]
-        assert rig.server.executed == {"dial": 2, "hangup": 2, "call_test": 1, "diagnose": 1}
+        assert rig.server.executed == {"dial": 2, "hangup": 4, "call_test": 1, "diagnose": 1}
 
 
 @pytest.mark.slow
@@ -740,19 +791,131 @@ async def test_one_dangerous_command_at_a_time_and_force_during_call(
 
 
 async def test_response_topic_and_correlation_data(tmp_path: Path, broker: Any) -> None:
+    inbox = "operators/op-7/inbox"
     async with (
         make_rig(tmp_path, broker.port) as rig,
+        collector(broker.port, f"{TOPICS.root}/cmd-res/#", f"{TOPICS.root}/events", inbox) as c,
+    ):
+
+        async def answer_on(topic: str, request_id: str | None) -> Received:
+            got = await c.wait_for(
+                lambda ms: [m for m in ms if m.topic == topic and m.json()["id"] == request_id]
+            )
+            assert len(got) == 1, got
+            assert_valid(TOPICS.cmd_res("x"), got[0].payload)
+            return got[0]
+
+        # The contract: the answer goes to the Response Topic, wherever it is, with the
+        # Correlation Data echoed (the broker's ACL decides where a device may publish).
+        for topic, corr in [(f"{TOPICS.root}/cmd-res/op-42", b"corr-1"), (inbox, b"\x00\xffbin")]:
+            t = rig.keys.token("ping")
+            await publish_raw(broker.port, "ping", t, response_topic=topic, correlation=corr)
+            got = await answer_on(topic, json_id(t))
+            assert got.properties.CorrelationData == corr
+            assert got.json()["code"] == 200 and "warning" not in got.json()
+        # 202 first, then the final answer: both to the Response Topic.
+        t = rig.keys.token("call_test", {"duration_s": 1})
+        await publish_raw(broker.port, "call_test", t, response_topic=inbox, correlation=b"c2")
+
+        def both(ms: list[Received]) -> list[Received]:
+            got = [m for m in ms if m.topic == inbox and m.json()["id"] == json_id(t)]
+            return got if len(got) >= 2 else []
+
+        got = await c.wait_for(both)
+        assert [m.json()["code"] for m in got] == [202, 200]
+        assert {m.properties.CorrelationData for m in got} == {b"c2"}
+
+        # A topic that cannot be published to is not followed: cmd-res/<id> (or invalid),
+        # with the correlation data and a warning saying why. The link stays up.
+        for bad, why in [("ops/+/inbox", "wildcard"), ("", "empty"), ("$SYS/x", "broker")]:
+            t = rig.keys.token("ping")
+            await publish_raw(broker.port, "ping", t, response_topic=bad, correlation=b"c3")
+            got = await answer_on(TOPICS.cmd_res(json_id(t)), json_id(t))
+            assert got.properties.CorrelationData == b"c3"
+            assert got.json()["code"] == 200 and why in got.json()["warning"]
+            assert TOPICS.cmd_res(json_id(t)) in got.json()["warning"]
+        await publish_raw(broker.port, "ping", b"garbage", response_topic="#", correlation=b"c4")
+        got = await answer_on(f"{TOPICS.root}/cmd-res/invalid", None)
+        assert got.json()["code"] == 400 and "wildcard" in got.json()["warning"]
+        assert got.properties.CorrelationData == b"c4"
+        assert rig.server.topics_refused == 4 and rig.link.connected.is_set()
+
+
+async def test_a_burst_past_the_queue_and_in_flight_caps_gets_one_answer_each(
+    tmp_path: Path, broker: Any
+) -> None:
+    inbox = "operators/op-7/inbox"
+    limits = CommandLimits(queue_size=4, max_in_flight=2)
+    async with (
+        make_rig(tmp_path, broker.port, limits=limits, start_server=False) as rig,
+        collector(broker.port, f"{TOPICS.root}/cmd-res/#", f"{TOPICS.root}/events", inbox) as c,
+    ):
+
+        def answers(ms: list[Received]) -> list[Received]:
+            return [m for m in ms if "/cmd-res/" in m.topic or m.topic == inbox]
+
+        burst = [Request("ping", rig.keys.token("ping", kid="reader")) for _ in range(10)]
+        burst[3] = replace(burst[3], response_topic=inbox, correlation=b"in-flight")
+        burst[7] = replace(burst[7], response_topic=inbox, correlation=b"queue")
+        burst[8] = Request("ping", json.dumps(command_claims(DEVICE, "ping")).encode())  # 401
+        burst[9] = Request("ping", b"garbage")
+        await publish_many(broker.port, burst)
+        async with asyncio.timeout(10):
+            while rig.server.received < len(burst):  # bounded poll: no event says "arrived"
+                await asyncio.sleep(0.01)
+        # The first 4 are queued, the other 6 refused at once; all wait for the server.
+        assert rig.server.answered == {}
+        rig.server_task = asyncio.create_task(rig.server.run())
+
+        got = await c.wait_for(lambda ms: len(answers(ms)) >= len(burst) and answers(ms))
+        ids = [json_id(r.payload) for r in burst[:8]] + [
+            json.loads(burst[8].payload)["jti"],
+            None,
+        ]
+        by_id = {m.json()["id"]: m for m in got}
+        assert len(got) == len(by_id) == len(burst) and set(by_id) == set(ids)
+        codes = [by_id[i].json()["code"] for i in ids]
+        # Two ran; two more found the in-flight cap full; the queue refused the rest: every
+        # refusal is a 429 with the request's (unverified) id, none of them verified or run.
+        assert codes == [200, 200, 429, 429, 429, 429, 429, 429, 429, 429]
+        assert "in flight" in by_id[ids[2]].json()["error"]
+        assert "queue full" in by_id[ids[9]].json()["error"]
+        for i, r in zip(ids, burst, strict=True):
+            m = by_id[i]
+            assert m.topic == (r.response_topic or TOPICS.cmd_res(i or "invalid"))
+            assert getattr(m.properties, "CorrelationData", None) == r.correlation
+            assert_valid(TOPICS.cmd_res("x"), m.payload)
+        assert rig.server.executed == {"ping": 2} and rig.server.dropped == 0
+        # Nothing more arrives: one answer each.
+        t = rig.keys.token("ping", kid="reader")
+        await publish_raw(broker.port, "ping", t)
+        await expect_one(c, json_id(t), 200)
+        assert len(answers(c.messages)) == len(burst) + 1
+
+
+async def test_the_429_backlog_of_a_flood_is_bounded(tmp_path: Path, broker: Any) -> None:
+    # Room for the 429s of two refused requests (each costs 256 bytes plus its topic and
+    # correlation); past that a flood is dropped unanswered and counted, not buffered.
+    limits = CommandLimits(queue_size=1, refusal_backlog_bytes=600)
+    async with (
+        make_rig(tmp_path, broker.port, limits=limits, start_server=False) as rig,
         collector(broker.port, f"{TOPICS.root}/cmd-res/#", f"{TOPICS.root}/events") as c,
     ):
-        t = rig.keys.token("ping")
-        mine = f"{TOPICS.root}/cmd-res/op-42"
-        await publish_raw(broker.port, "ping", t, response_topic=mine, correlation=b"corr-1")
-        got = await c.wait_for(lambda ms: [m for m in ms if m.topic == mine])
-        assert got[0].properties.CorrelationData == b"corr-1" and got[0].json()["code"] == 200
-        # A response topic outside cmd-res/ is not followed: the device answers on cmd-res/<id>.
-        t2 = rig.keys.token("ping")
-        await publish_raw(broker.port, "ping", t2, response_topic=TOPICS.status, correlation=b"x")
-        await expect_one(c, json_id(t2), 200, topic=TOPICS.cmd_res(json_id(t2)))
+        burst = [Request("ping", rig.keys.token("ping", kid="reader")) for _ in range(6)]
+        await publish_many(broker.port, burst)
+        async with asyncio.timeout(10):
+            while rig.server.received < len(burst):  # bounded poll: no event says "arrived"
+                await asyncio.sleep(0.01)
+        assert rig.server.dropped == 3
+        rig.server_task = asyncio.create_task(rig.server.run())
+        got = await c.wait_for(lambda ms: len(finals(ms)) >= 3 and finals(ms))
+        answered = {r["id"]: r["code"] for r in got}
+        ids = [json_id(r.payload) for r in burst]
+        assert answered == {ids[0]: 200, ids[1]: 429, ids[2]: 429}
+        t = rig.keys.token("ping", kid="reader")
+        await publish_raw(broker.port, "ping", t)  # the backlog drained: room again
+        await expect_one(c, json_id(t), 200)
+        assert len(finals(c.messages)) == 4 and rig.server.answered == {200: 2, 429: 2}
 
 
 async def test_handler_bug_and_timeout_answer_500_and_the_server_lives_on(

@@ -12,6 +12,7 @@ from typing import Any
 import aiomqtt
 import pytest
 from conftest import free_port
+from rich.console import Console
 from test_commands import DEVICE, TOPICS, make_rig, run_ctl
 
 from edgeagent import ctl
@@ -101,6 +102,16 @@ async def test_cmd_human_output_and_key_from_environment(
             capsys, ["cmd", DEVICE, "dial", "--json", "--port", str(broker.port)]
         )
         assert rc == 0 and resp["result"]["call_id"] == "call-1"
+
+
+def test_cmd_human_output_shows_a_warning() -> None:
+    console = Console(record=True, width=200)
+    response = {"code": 200, "ok": True, "cmd": "ping", "id": "r-1", "result": {"pong": True}}
+    warning = "response topic not followed: it contains a wildcard; answered on x/cmd-res/r-1"
+    ctl._print_response(console, {**response, "warning": warning})
+    assert warning in console.export_text()
+    ctl._print_response(console, response)
+    assert console.export_text().count("not followed") == 0  # export_text clears
 
 
 def test_watch_state_folds_the_device_topics() -> None:

@@ -46,6 +46,7 @@ from edgeagent.control.tokens import (
     CommandError,
     VerifiedCommand,
     Verifier,
+    peek_jti,
 )
 
 DEVICE = "dev-1"
@@ -455,6 +456,17 @@ def test_error_carries_jti_when_readable(verifier: Verifier) -> None:
     assert reject(verifier, "ping", b"garbage").jti is None
     assert reject(verifier, "ping", b"{not json").jti is None
     assert reject(verifier, "ping", b"x" * (MAX_PAYLOAD_BYTES + 1)).jti is None
+
+
+def test_peek_jti_reads_the_unverified_id_of_either_form() -> None:
+    assert peek_jti(token(jti="req-1")) == "req-1"
+    assert peek_jti(b"  " + token(priv=ROGUE_PRIV, jti="req-2") + b"\n") == "req-2"  # unverified
+    assert peek_jti(json.dumps(claims(jti="req-3")).encode()) == "req-3"
+    assert peek_jti(token(jti="bad id with spaces")) is None
+    for garbage in (b"", b"garbage", b"{not json", b"a.b", b"a.!!.c", b"a.YQ.c", b"[1]"):
+        assert peek_jti(garbage) is None, garbage
+    big = json.dumps({**claims(jti="req-4"), "pad": "x" * MAX_PAYLOAD_BYTES}).encode()
+    assert peek_jti(big) is None  # the verifier answers it 413 without an id too
 
 
 def test_replay_is_refused(verifier: Verifier) -> None:

@@ -113,7 +113,8 @@ class DialArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class HangupArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    call_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None  # None: all
+    # None: the active call, if any; a call_id that is not the active call is a 400.
+    call_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
 
 
 class CallTestArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

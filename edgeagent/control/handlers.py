@@ -24,7 +24,14 @@ from edgeagent.control.profiling import ProfilerBusy, cpu_profile, memory_profil
 if TYPE_CHECKING:
     from edgeagent.control.server import CommandContext
 
-__all__ = ["AfterReply", "Handler", "Handlers", "apply_log_level", "level_number"]
+__all__ = [
+    "AfterReply",
+    "Handler",
+    "Handlers",
+    "apply_log_level",
+    "check_hangup_target",
+    "level_number",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +44,19 @@ class AfterReply:
 
     result: Any
     action: Callable[[], None]
+
+
+def check_hangup_target(active_call_id: str | None, call_id: str | None) -> None:
+    """CommandError 400 when `hangup` names a call that is not the active one.
+
+    Without a call_id, hangup is idempotent: no active call is an ok "nothing ended".
+    """
+    if call_id is None or call_id == active_call_id:
+        return
+    active = (
+        "no call is active" if active_call_id is None else f"the active call is {active_call_id}"
+    )
+    raise CommandError(Status.BAD_REQUEST, f"call {call_id!r} is not active; {active}")
 
 
 def level_number(name: str) -> int:

@@ -11,10 +11,16 @@ arming of dangerous commands (403), an active call (409 unless the key may force
 dangerous command at a time (409), per-key request rate (429), heavy-command rate (429,
 persisted so restarts do not refill it).
 
-Responses go to the request's MQTT 5 response topic with its correlation data, but only
-when that topic is under `<root>/cmd-res/` (the device must not be steerable into publishing
-on its own telemetry topics); otherwise to `<root>/cmd-res/<id>`, or `<root>/cmd-res/invalid`
-when no id could be read.
+A flood past the queue or the in-flight cap is answered 429 without verification: the id is
+peeked from the payload (unauthenticated; nothing runs), the answers wait in a backlog bounded
+in bytes and go out from one task, a batch at a time. Past that backlog, requests are dropped
+unanswered (counted, logged): the one place "exactly one answer" yields to staying alive.
+
+Responses go to the request's MQTT 5 Response Topic with its Correlation Data echoed, as the
+contract says; the broker's ACL is what limits where a device may publish. A Response Topic
+that cannot be published to (`topics.publish_topic_problem`) is not followed: the answer goes to
+`<root>/cmd-res/<id>` (`<root>/cmd-res/invalid` when no id could be read) with a `warning`
+saying why. Without a Response Topic (MQTT 3.1.1), answers go there too.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import os
 import re
 import stat
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +57,11 @@ from edgeagent.control.keys import TrustedKey, load_trusted_keys
 from edgeagent.control.ratelimit import RateLimiter
 from edgeagent.control.redact import Redactor
 from edgeagent.control.replay import ReplayCache
-from edgeagent.control.tokens import JTI_PATTERN, VerifiedCommand, Verifier
+from edgeagent.control.tokens import JTI_PATTERN, VerifiedCommand, Verifier, peek_jti
 from edgeagent.mqtt import BrokerLink, BrokerUnavailable, Inbound
 from edgeagent.telemetry import payloads as p
 from edgeagent.telemetry.publisher import Publisher
-from edgeagent.telemetry.topics import Topics
+from edgeagent.telemetry.topics import Topics, publish_topic_problem
 
 __all__ = [
     "ACCEPT_FIRST",
@@ -78,6 +85,9 @@ _JTI_RE: Final = re.compile(JTI_PATTERN)
 _CMD_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _ALL_ROLES: Final = frozenset(r.value for r in Role)
 _TAIL_KEYS: Final = frozenset({"lines", "logs", "breadcrumbs", "events"})  # keep the newest
+# A refused request waiting for its 429 is charged its topic, correlation data and this.
+_REFUSAL_OVERHEAD_BYTES: Final = 256
+_REFUSAL_BATCH: Final = 32  # 429s published concurrently, one batch at a time
 
 
 class CommandContext(Protocol):
@@ -119,11 +129,15 @@ class CommandContext(Protocol):
     def call_active(self) -> bool: ...
 
     async def dial(self, peer: str | None) -> dict[str, Any]:
-        """Start a call (None: the default peer); CommandError 409 busy, 404 no such peer."""
+        """Start a call (None: the default peer); CommandError 409 busy, 400 no valid peer."""
         ...
 
     async def hangup(self, call_id: str | None) -> dict[str, Any]:
-        """End one call (None: all); CommandError 404 when there is no such call."""
+        """End the active call: {"ended", "call_id", "result"}; ended False when none was.
+
+        CommandError 400 when `call_id` is given and is not the active call
+        (`handlers.check_hangup_target`).
+        """
         ...
 
     async def call_test(self, peer: str | None, duration_s: int) -> dict[str, Any]:
@@ -155,7 +169,8 @@ class CommandLimits:
     heavy_rate_per_s: float = 1 / 60  # per heavy command, persisted
     heavy_burst: float = 5.0
     max_in_flight: int = 32  # requests beyond this are answered 429 unverified
-    queue_size: int = 1024  # past this, requests are dropped (logged): a flood
+    queue_size: int = 1024  # past this, requests are answered 429 unverified: a flood
+    refusal_backlog_bytes: int = 1 << 20  # 429s waiting to go out; past this, dropped (logged)
     accept_first: frozenset[str] = ACCEPT_FIRST
 
 
@@ -285,7 +300,12 @@ class CommandServer:
         self._dangerous: str | None = None
         self.executed: dict[str, int] = {}  # handler runs per command (tests, stats)
         self.answered: dict[int, int] = {}  # final answers per code
-        self.dropped = 0
+        self.received = 0  # MQTT requests that reached on_inbound
+        self.dropped = 0  # requests left unanswered: the refusal backlog was full
+        self.topics_refused = 0  # Response Topics that could not be published to
+        self._refusals: deque[tuple[_Request, str | None, str, int]] = deque()
+        self._refusal_bytes = 0
+        self._refusals_waiting = asyncio.Event()
         self.local_ready = asyncio.Event()
         self._local_writers: set[asyncio.StreamWriter] = set()
         link.subscribe(topics.cmd_filter, self.on_inbound)
@@ -294,7 +314,10 @@ class CommandServer:
 
     def on_inbound(self, message: Inbound) -> None:
         """The link's callback for `<root>/cmd/+`; queues the request (never blocks)."""
-        self._enqueue(self._mqtt_request(message))
+        self.received += 1
+        request = self._mqtt_request(message)
+        if not self._enqueue(request):
+            self._refuse(request, "request queue full")
 
     async def process(self, message: Inbound) -> None:
         """Answer one MQTT request inline: what `run()` does for each queued one."""
@@ -314,11 +337,30 @@ class CommandServer:
         try:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                logger.warning("commands: request queue full; %d dropped", self.dropped)
             return False
         return True
+
+    def _refuse(self, request: _Request, reason: str) -> None:
+        """Queue a 429 for an unverified MQTT request; drop it if the backlog is full."""
+        jti = peek_jti(request.payload)
+        cost = (
+            _REFUSAL_OVERHEAD_BYTES
+            + len(request.response_topic or "")
+            + len(request.correlation or b"")
+        )
+        if self._refusal_bytes + cost > self.limits.refusal_backlog_bytes:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                logger.warning(
+                    "commands: flood: %s and the 429 backlog is full; %d dropped unanswered",
+                    reason,
+                    self.dropped,
+                )
+            return
+        request.payload = b""  # only what the answer needs is kept
+        self._refusals.append((request, jti, reason, cost))
+        self._refusal_bytes += cost
+        self._refusals_waiting.set()
 
     async def run(self) -> None:
         """Serve until cancelled: the request queue, and the local socket when configured."""
@@ -326,6 +368,7 @@ class CommandServer:
             async with asyncio.TaskGroup() as tg:
                 if self.local_socket is not None:
                     tg.create_task(self._serve_local(self.local_socket), name="cmd-local")
+                tg.create_task(self._answer_refusals(), name="cmd-refusals")
                 while True:
                     request = await self._queue.get()
                     tg.create_task(self._process(request), name=f"cmd:{request.topic_cmd}")
@@ -340,8 +383,10 @@ class CommandServer:
         after: Callable[[], None] | None = None
         try:
             if self._in_flight > self.limits.max_in_flight:
+                # Unverified, like the queue's refusals: the id is only peeked.
+                jti = req.local.jti if req.local is not None else peek_jti(req.payload)
                 final = self._response(
-                    req, None, Status.RATE_LIMITED, error="too many requests in flight"
+                    req, jti, Status.RATE_LIMITED, error="too many requests in flight"
                 )
                 kid: str | None = None
             else:
@@ -459,21 +504,16 @@ class CommandServer:
             truncated=truncated,
         )
 
-    def response_topic(self, req: _Request, jti: str | None) -> str:
-        """Where the answer to `req` goes (see the module docstring)."""
-        prefix = f"{self._topics.root}/cmd-res/"
+    def route(self, req: _Request, jti: str | None) -> tuple[str, str | None]:
+        """Where the answer to `req` goes, and why its Response Topic was refused (if it was)."""
+        fallback = self._topics.cmd_res(jti if jti and _JTI_RE.fullmatch(jti) else "invalid")
         rt = req.response_topic
-        if (
-            rt is not None
-            and rt.startswith(prefix)
-            and len(rt) <= 512
-            and len(rt) > len(prefix)
-            and not any(ch in rt for ch in "+#\x00")
-        ):
-            return rt
-        if rt is not None:
-            logger.warning("commands: response topic %.80r refused; using cmd-res", rt)
-        return self._topics.cmd_res(jti if jti and _JTI_RE.fullmatch(jti) else "invalid")
+        if rt is None:
+            return fallback, None
+        problem = publish_topic_problem(rt)
+        if problem is None:
+            return rt, None
+        return fallback, f"response topic not followed: {problem}; answered on {fallback}"
 
     async def _answer(self, req: _Request, response: p.CommandResponse, *, final: bool) -> None:
         if final:
@@ -481,12 +521,39 @@ class CommandServer:
         if req.sink is not None:
             await req.sink(response, final)
             return
-        topic = self.response_topic(req, response.id)
-        correlation = req.correlation if req.response_topic == topic else None
+        topic, refused = self.route(req, response.id)
+        if refused is not None:
+            response = msgspec.structs.replace(response, warning=refused)
+            if final:
+                self.topics_refused += 1
+                log = logger.warning if self.topics_refused == 1 else logger.debug
+                log("commands: %s %.80r: %s", response.cmd, req.response_topic, refused)
         try:
-            await self._link.publish(topic, p.encode(response), qos=1, correlation_data=correlation)
+            # The Correlation Data is echoed wherever the answer goes (MQTT 5 only).
+            await self._link.publish(
+                topic, p.encode(response), qos=1, correlation_data=req.correlation
+            )
         except BrokerUnavailable as exc:
             logger.warning("commands: answer to %s lost: %s", response.id, exc)
+
+    async def _answer_refusals(self) -> None:
+        """Send the queued 429s, a bounded batch at a time, until cancelled."""
+        while True:
+            await self._refusals_waiting.wait()
+            self._refusals_waiting.clear()
+            while self._refusals:
+                batch = [
+                    self._refusals.popleft()
+                    for _ in range(min(_REFUSAL_BATCH, len(self._refusals)))
+                ]
+                await asyncio.gather(*(self._send_refusal(*item) for item in batch))
+
+    async def _send_refusal(self, req: _Request, jti: str | None, reason: str, cost: int) -> None:
+        try:
+            response = self._response(req, jti, Status.RATE_LIMITED, error=reason)
+            await self._answer(req, response, final=True)
+        finally:
+            self._refusal_bytes -= cost
 
     def _audit(self, req: _Request, response: p.CommandResponse, kid: str | None) -> None:
         level: p.Level = "info" if response.ok else "warning"

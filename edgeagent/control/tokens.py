@@ -51,6 +51,7 @@ __all__ = [
     "Status",
     "VerifiedCommand",
     "Verifier",
+    "peek_jti",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,26 @@ def _peek_jti(raw: bytes) -> str | None:
         return None
     jti = obj.get("jti") if isinstance(obj, dict) else None
     return jti if isinstance(jti, str) and _JTI_RE.fullmatch(jti) else None
+
+
+def peek_jti(payload: bytes) -> str | None:
+    """The request id of a command payload, unverified (a JWS or open-mode claims), if readable.
+
+    For answering a request that is not verified (a flood past the server's limits): cheap,
+    no signature check, so the id is only the sender's claim.
+    """
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return None
+    text = payload.strip()
+    if text.startswith(b"{"):
+        return _peek_jti(text)
+    parts = text.split(b".")
+    if len(parts) != 3 or not _B64URL_RE.fullmatch(parts[1]):
+        return None
+    try:
+        return _peek_jti(_b64url(parts[1]))
+    except ValueError:
+        return None
 
 
 class Verifier:

@@ -234,6 +234,7 @@ class CommandResponse(_Payload):
     result: Any = None
     error: str | None = None
     truncated: bool | None = None
+    warning: str | None = None  # added: e.g. why the request's Response Topic was not followed
 
 
 class Signal(msgspec.Struct, kw_only=True, omit_defaults=True):
