@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 import stat
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from edgeagent.control.catalog import CATALOG, CommandError, Status
 from edgeagent.control.handlers import apply_log_level, check_hangup_target
 from edgeagent.control.keys import command_claims, generate_keypair, sign_command
 from edgeagent.control.redact import MASK, redact, redact_text
+from edgeagent.control.replay import ReplayCache
 from edgeagent.control.server import (
     MAX_OUTPUT_BYTES,
     CommandLimits,
@@ -1101,3 +1103,27 @@ def json_id(token: bytes) -> str:
 
     body = token.split(b".")[1]
     return str(json.loads(base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4)))["jti"])
+
+
+async def test_an_error_while_checking_a_request_answers_500_and_the_server_lives_on(
+    tmp_path: Path, broker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """E.g. the replay cache's sqlite on a full disk: not a crash of the agent."""
+    async with (
+        make_rig(tmp_path, broker.port) as rig,
+        collector(broker.port, f"{TOPICS.root}/cmd-res/#", f"{TOPICS.root}/events") as c,
+    ):
+        real = ReplayCache.check_and_add
+
+        def full(self: ReplayCache, *args: Any, **kwargs: Any) -> Any:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(ReplayCache, "check_and_add", full)
+        t = rig.keys.token("ping")
+        await publish_raw(broker.port, "ping", t)
+        resp = await expect_one(c, json_id(t), 500)
+        assert "OperationalError: database or disk is full" in resp["error"]
+        monkeypatch.setattr(ReplayCache, "check_and_add", real)
+        t = rig.keys.token("ping")
+        await publish_raw(broker.port, "ping", t)
+        await expect_one(c, json_id(t), 200)

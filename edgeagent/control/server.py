@@ -418,6 +418,11 @@ class CommandServer:
             jti = exc.jti or jti
             kid = exc.kid or kid
             return self._response(req, jti, exc.code, error=exc.message), kid, None
+        except Exception as exc:  # e.g. the replay cache on a full disk: answer, live on
+            logger.exception("commands: checking a %s request failed", req.topic_cmd)
+            jti = jti or (peek_jti(req.payload) if req.local is None else None)
+            why = f"internal error checking the request: {type(exc).__name__}: {exc}"
+            return self._response(req, jti, Status.INTERNAL, error=why), kid, None
         dangerous = spec.risk is Risk.DANGEROUS
         if dangerous:
             self._dangerous = spec.name
