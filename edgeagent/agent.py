@@ -21,7 +21,8 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from edgeagent import __version__
 from edgeagent.call.calltest import run_call_test
 from edgeagent.call.ice import stun_seen_down
-from edgeagent.call.manager import Call, CallManager
+from edgeagent.call.manager import Call, CallManager, OfferCheck
+from edgeagent.call.offer_token import offer_check
 from edgeagent.clock import Clock, SystemClock
 from edgeagent.config import Config, config_hash
 from edgeagent.control.catalog import CommandError
@@ -224,6 +225,7 @@ class Agent:
             on_health=self._on_call_health,
             on_finished=self._on_call_finished,
             on_fault=self._on_audio_fault,
+            check_offer=self._offer_check(),
             alerts=self.alerts,
             stun_down=self._stun_seen_down,
             tracer=(
@@ -237,6 +239,15 @@ class Agent:
         self.bus.subscribe(Noted, self._on_noted)
         self.bus.subscribe(BrokerConnected, lambda _e: self._set_online(True))
         self.bus.subscribe(BrokerDisconnected, lambda _e: self._set_online(False))
+
+    def _offer_check(self) -> OfferCheck | None:
+        """With signed signaling, offers are checked with the command server's keys."""
+        s = self.cfg.security
+        if s.signaling != "signed":
+            return None
+        if s.keys_file is None:
+            logger.warning("signaling: signed, but no keys_file; every offer will be refused")
+        return offer_check(self.commands.verifier, self.cfg.device.id)
 
     def _stun_seen_down(self) -> bool:
         """The latest network probe found the (first, the only used) STUN server dead."""

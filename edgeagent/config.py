@@ -176,6 +176,7 @@ class ButtonConfig(_Section):
 class SecurityConfig(_Section):
     commands: Literal["signed", "open"] = "signed"
     signaling: Literal["open", "signed"] = "open"
+    """"signed": incoming offers must carry a call token from a key in keys_file."""
     keys_file: Path | None = None
     max_token_lifetime_s: int = Field(300, ge=10, le=86_400)
     armed: list[str] = []

@@ -31,6 +31,7 @@ __all__ = [
     "KID_PATTERN",
     "KeyConfigError",
     "TrustedKey",
+    "call_claims",
     "command_claims",
     "expand_roles",
     "generate_keypair",
@@ -250,6 +251,14 @@ def command_claims(
         "iat": iat,
         "exp": iat + lifetime_s,
     }
+
+
+def call_claims(
+    callee_id: str, call_id: str, *, lifetime_s: int = 60, now: float | None = None
+) -> dict[str, Any]:
+    """The claims of a signed offer's token (protocol section 4): cmd "call", sub the
+    callee, jti the call_id."""
+    return command_claims(callee_id, "call", lifetime_s=lifetime_s, now=now, jti=call_id)
 
 
 def sign_command(

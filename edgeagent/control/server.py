@@ -290,6 +290,11 @@ class CommandServer:
         self._local_writers: set[asyncio.StreamWriter] = set()
         link.subscribe(topics.cmd_filter, self.on_inbound)
 
+    @property
+    def verifier(self) -> Verifier:
+        """The token checks, with the trusted keys and replay cache (also for signed offers)."""
+        return self._verifier
+
     # --- front ends -----------------------------------------------------------------------
 
     def on_inbound(self, message: Inbound) -> None:

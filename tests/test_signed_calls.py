@@ -1,0 +1,155 @@
+"""Signed signaling end to end: real mosquitto, real agents, offers with and without tokens."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+from agent_support import Collector, collector
+from call_support import (
+    alsa_env,
+    endpoint_config,
+    events,
+    running,
+    summaries,
+)
+from schema_support import assert_valid
+
+from edgeagent.call import signaling as sig
+from edgeagent.control.keys import call_claims, generate_keypair, sign_command
+
+pytestmark = pytest.mark.broker
+
+SDP = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"  # never parsed: refused or policy-rejected
+
+
+class Keys:
+    """The operator's key, a caller device's call key, and a key nobody trusts, as files."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dir = directory
+        self.private: dict[str, str] = {}
+        entries = []
+        for kid, grant in (
+            ("op", {"roles": ["operate"]}),
+            ("dev-a-call", {"commands": ["call"]}),
+            ("stranger", None),
+        ):
+            private, public, _ = generate_keypair(kid)
+            self.private[kid] = private
+            (directory / f"{kid}.jwk.json").write_text(private)
+            if grant is not None:
+                entries.append({"kid": kid, "public_key": public, **grant})
+        self.trusted = directory / "trusted-keys.json"
+        self.trusted.write_text(json.dumps({"keys": entries}))
+
+    def path(self, kid: str) -> Path:
+        return self.dir / f"{kid}.jwk.json"
+
+    def call_token(self, callee: str, call_id: str, *, kid: str = "op", **over: Any) -> str:
+        claims = call_claims(callee, call_id)
+        claims.update(over)
+        return sign_command(self.private[kid], kid, claims)
+
+
+def signed_security(keys: Keys, *, call_key: bool = False) -> str:
+    text = f'[security]\nsignaling = "signed"\nkeys_file = "{keys.trusted}"\n'
+    if call_key:
+        text += f'call_key_file = "{keys.path("dev-a-call")}"\n'
+    return text
+
+
+def reply_to(messages: list[Any], caller: str, call_id: str) -> dict[str, Any] | None:
+    """The callee's answer or reject of `call_id`, as the caller received it."""
+    for m in messages:
+        if m.topic == f"edge/v1/{caller}/signal":
+            body = m.json()
+            if body["call_id"] == call_id and body["type"] in ("answer", "reject"):
+                return body  # type: ignore[no-any-return]
+    return None
+
+
+async def offer_and_wait(
+    client: aiomqtt.Client, c: Collector, call_id: str, token: str | None
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """Offer `call_id` from dev-a to dev-b; dev-b's reply, its summary and its events of it."""
+    out = sig.build(
+        "offer",
+        prefix="edge/v1",
+        me="dev-a",
+        to="dev-b",
+        call_id=call_id,
+        ts=time.time(),
+        sdp=SDP,
+        token=token,
+    )
+    start = len(c.messages)  # only what follows this offer (a call_id may come twice)
+    await client.publish(out.topic, out.payload, qos=1)
+    reply = await c.wait_for(lambda ms: reply_to(ms[start:], "dev-a", call_id))
+    summary = await c.wait_for(
+        lambda ms: [s for s in summaries(ms[start:], "dev-b") if s["call_id"] == call_id]
+    )
+    said = await c.wait_for(
+        lambda ms: [e for e in events(ms[start:], "dev-b") if e.get("call_id") == call_id]
+    )
+    return reply, summary[0], said
+
+
+async def test_a_signed_device_refuses_offers_without_a_good_token(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    keys = Keys(tmp_path / "keys")
+    alsa = alsa_env(tmp_path, monkeypatch)
+    # answer = "reject": an offer that passes the check is declined `unavailable`, not
+    # `forbidden`, so each case is told apart without any media.
+    cfg_b = endpoint_config(
+        tmp_path, broker.port, "dev-b", alsa, answer="reject", extra=signed_security(keys)
+    )
+    now = int(time.time())
+    cases: list[tuple[str, str | None, str]] = [
+        ("c-none", None, "no token (this device takes signed offers only)"),
+        ("c-jti", keys.call_token("dev-b", "c-other"), "token jti is not this call_id"),
+        ("c-sub", keys.call_token("dev-z", "c-sub"), "token is for 'dev-z', not 'dev-b'"),
+        ("c-kid", keys.call_token("dev-b", "c-kid", kid="stranger"), "unknown kid 'stranger'"),
+        (
+            "c-old",
+            keys.call_token("dev-b", "c-old", iat=now - 200, exp=now - 100),
+            "token expired",
+        ),
+    ]
+    async with (
+        collector(broker.port, "edge/v1/#") as c,
+        running(cfg_b) as b,
+        aiomqtt.Client("127.0.0.1", broker.port) as client,
+    ):
+        assert b.info_payload().security == {"commands": "signed", "signaling": "signed"}
+        for call_id, token, why in cases:
+            reply, summary, said = await offer_and_wait(client, c, call_id, token)
+            assert reply["type"] == "reject" and reply["reason"] == "forbidden", reply
+            assert (summary["result"], summary["end_reason"]) == ("rejected", "forbidden")
+            assert summary["direction"] == "incoming" and summary["peer"] == "dev-a"
+            (event,) = said
+            assert event["level"] == "warning" and event["category"] == "call.incoming"
+            assert event["data"] == {"peer": "dev-a", "reason": "forbidden"}
+            assert event["message"] == (
+                f"call {call_id} from dev-a rejected (forbidden): offer token refused: {why}"
+            )
+        # A good token passes the check (then the answer policy declines the call) ...
+        good = keys.call_token("dev-b", "c-good")
+        reply, summary, _ = await offer_and_wait(client, c, "c-good", good)
+        assert reply["reason"] == "unavailable" and summary["end_reason"] == "policy_reject"
+        # ... once: the same offer again is a replay.
+        again = keys.call_token("dev-b", "c-good")  # a fresh signature, the same call_id
+        reply, summary, said = await offer_and_wait(client, c, "c-good", again)
+        assert reply["reason"] == "forbidden", reply
+        assert said[-1]["message"].endswith("offer token refused: request id already seen (replay)")
+        assert b.calls_mgr.active is None
+    for m in c.messages:
+        assert_valid(m.topic, m.payload)
