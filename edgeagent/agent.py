@@ -21,12 +21,13 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from edgeagent import __version__
 from edgeagent.call.calltest import run_call_test
 from edgeagent.call.ice import stun_seen_down
-from edgeagent.call.manager import Call, CallManager, OfferCheck
-from edgeagent.call.offer_token import offer_check
+from edgeagent.call.manager import Call, CallManager, OfferCheck, OfferToken
+from edgeagent.call.offer_token import CALL_TOKEN_LIFETIME_S, OfferSigner, offer_check
 from edgeagent.clock import Clock, SystemClock
 from edgeagent.config import Config, config_hash
 from edgeagent.control.catalog import CommandError
 from edgeagent.control.handlers import apply_log_level
+from edgeagent.control.keys import load_signing_key
 from edgeagent.control.server import build_command_server, describe_catalog
 from edgeagent.events import BrokerConnected, BrokerDisconnected, EventBus, HealthChanged, Noted
 from edgeagent.health.alerts import (
@@ -226,6 +227,7 @@ class Agent:
             on_finished=self._on_call_finished,
             on_fault=self._on_audio_fault,
             check_offer=self._offer_check(),
+            offer_token=self._offer_signer(),
             alerts=self.alerts,
             stun_down=self._stun_seen_down,
             tracer=(
@@ -248,6 +250,15 @@ class Agent:
         if s.keys_file is None:
             logger.warning("signaling: signed, but no keys_file; every offer will be refused")
         return offer_check(self.commands.verifier, self.cfg.device.id)
+
+    def _offer_signer(self) -> OfferToken | None:
+        """With a call key, every offer this device sends carries a token it signed."""
+        s = self.cfg.security
+        if s.call_key_file is None:
+            return None
+        key, kid = load_signing_key(s.call_key_file, s.call_key_id)
+        lifetime_s = min(CALL_TOKEN_LIFETIME_S, s.max_token_lifetime_s)
+        return OfferSigner(key, kid, clock=self.clock.time, lifetime_s=lifetime_s).token
 
     def _stun_seen_down(self) -> bool:
         """The latest network probe found the (first, the only used) STUN server dead."""

@@ -16,7 +16,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from edgeagent.control.keys import load_signing_key
 
 ENV_PREFIX = "EDGEAGENT__"
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h; the unit's RestartPreventExitStatus
@@ -182,6 +192,21 @@ class SecurityConfig(_Section):
     armed: list[str] = []
     """Dangerous commands allowed on this device (memory, profile, crash, restart)."""
     local_socket: Path | None = None
+    call_key_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,64}$")] | None = None
+    """The kid this device's offer tokens name (default: the kid in call_key_file)."""
+    call_key_file: Path | None = Field(None, validate_default=True)
+    """This device's Ed25519 private JWK: it signs a token into each offer it sends, for
+    peers that take signed offers only."""
+
+    @field_validator("call_key_file")
+    @classmethod
+    def _call_key_usable(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        # Read here so check-config reports a missing or bad key, not the first call.
+        if v is not None:
+            load_signing_key(v, info.data.get("call_key_id"))
+        elif info.data.get("call_key_id") is not None:
+            raise ValueError("required when call_key_id is set")
+        return v
 
 
 class TracingConfig(_Section):

@@ -1,7 +1,8 @@
-"""Signed offers: the check of an offer's token against the trusted keys and replay cache."""
+"""Signed offers: the check of an offer's token, the tokens a device mints, the call key config."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -9,12 +10,16 @@ from typing import Any
 
 import pytest
 
+from edgeagent import cli
 from edgeagent.call import signaling as sig
-from edgeagent.call.offer_token import offer_check
+from edgeagent.call.offer_token import OfferSigner, offer_check
 from edgeagent.clock import FakeClock
+from edgeagent.config import EXIT_CONFIG, ConfigError, parse_config
 from edgeagent.control.keys import (
     call_claims,
     generate_keypair,
+    load_private_key,
+    load_signing_key,
     load_trusted_keys,
     sign_command,
 )
@@ -143,3 +148,87 @@ def test_before_clock_sync_an_offer_cannot_be_checked(tmp_path: Path, clock: Fak
     )
     err = refusal(offer_check(unsynced, CALLEE), offer("c-1", mint("c-1")))
     assert "clock not synchronised: signed offers cannot be checked" in str(err)
+
+
+# --- the tokens a device mints ---------------------------------------------------------------
+
+
+def test_the_signer_mints_what_the_callee_accepts(verifier: Verifier, clock: FakeClock) -> None:
+    signer = OfferSigner(load_private_key(CALLER_PRIV), "dev-a-call", clock=clock.time)
+    token = signer.token(CALLEE, "c-7")
+    claims = _claims_of(token)
+    assert claims["cmd"] == "call" and claims["sub"] == CALLEE and claims["jti"] == "c-7"
+    assert claims["exp"] - claims["iat"] == 60 and claims["iat"] == int(T0)
+    offer_check(verifier, CALLEE)(offer("c-7", token))
+    assert json.loads(CALLER_PRIV)["d"] not in repr(signer)
+
+
+def _claims_of(token: str) -> Any:
+    body = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+
+
+# --- the call key in the config ----------------------------------------------------------------
+
+
+def security(**keys: Any) -> Any:
+    return parse_config({"device": {"id": "dev-a"}, "security": keys}, environ={}).security
+
+
+def test_the_call_key_is_read_with_its_kid(tmp_path: Path) -> None:
+    path = tmp_path / "call.jwk.json"
+    path.write_text(CALLER_PRIV)
+    assert security(call_key_file=str(path)).call_key_file == path
+    assert load_signing_key(path)[1] == "dev-a-call"
+    assert load_signing_key(path, "other")[1] == "other"
+    sec = security(call_key_file=str(path), call_key_id="renamed")
+    assert sec.call_key_id == "renamed"
+    assert CALLER_PRIV not in repr(sec)
+
+
+def _errors(**keys: Any) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        security(**keys)
+    return info.value.errors
+
+
+def test_a_bad_call_key_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    public = json.loads(CALLER_PRIV)
+    del public["d"]
+    files = {
+        "public.json": json.dumps(public),
+        "text.json": "not json",
+        "list.json": "[]",
+        "nokid.json": json.dumps({k: v for k, v in json.loads(CALLER_PRIV).items() if k != "kid"}),
+        "rsa.json": json.dumps({"kty": "RSA", "n": "x", "e": "AQAB", "d": "y"}),
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    cases = {
+        "missing.json": "cannot read",
+        "public.json": "a public key cannot sign",
+        "text.json": "is not JSON",
+        "list.json": "is not a JSON object",
+        "nokid.json": "has no 'kid'",
+        "rsa.json": "expected an OKP Ed25519 private JWK",
+    }
+    for name, why in cases.items():
+        (line,) = _errors(call_key_file=str(tmp_path / name))
+        assert line.startswith("security.call_key_file: ") and why in line, line
+        assert '"d"' not in line and json.loads(CALLER_PRIV)["d"] not in line
+    (line,) = _errors(call_key_id="dev-a")
+    assert line.startswith("security.call_key_file: ") and "call_key_id" in line
+    assert _errors(call_key_id="bad kid", call_key_file=str(tmp_path / "missing.json"))[0]
+
+
+def test_check_config_reports_a_bad_call_key_and_exits_78(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "edgeagent.toml"
+    key = tmp_path / "call.jwk.json"
+    cfg.write_text(f'[device]\nid = "dev-a"\n[security]\ncall_key_file = "{key}"\n')
+    assert cli.main(["check-config", str(cfg)]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert f"security.call_key_file: Value error, cannot read {key}" in err
+    key.write_text(CALLER_PRIV)
+    assert cli.main(["check-config", str(cfg)]) == 0

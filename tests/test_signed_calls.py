@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
@@ -10,12 +11,14 @@ from typing import Any
 import aiomqtt
 import pytest
 from agent_support import Collector, collector
+from alsa_support import active, hz_tolerance, peak_hz, read_raw, tone
 from call_support import (
     alsa_env,
     endpoint_config,
     events,
     running,
     summaries,
+    until,
 )
 from schema_support import assert_valid
 
@@ -153,3 +156,51 @@ async def test_a_signed_device_refuses_offers_without_a_good_token(
         assert b.calls_mgr.active is None
     for m in c.messages:
         assert_valid(m.topic, m.payload)
+
+
+def heard(agent, frames: int = 100) -> bool:  # type: ignore[no-untyped-def]
+    call = agent.calls_mgr.active
+    session = call.session if call else None
+    return bool(session and session.sink and session.sink.frames_received >= frames)
+
+
+@pytest.mark.slow
+async def test_a_device_with_a_call_key_calls_a_signed_device_with_audio(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    keys = Keys(tmp_path / "keys")
+    alsa = alsa_env(tmp_path, monkeypatch)
+    mic_a, mic_b = tone(440, 20), tone(1000, 20)
+    cfg_a = endpoint_config(
+        tmp_path, broker.port, "dev-a", alsa, mic=mic_a, extra=signed_security(keys, call_key=True)
+    )
+    cfg_b = endpoint_config(
+        tmp_path, broker.port, "dev-b", alsa, mic=mic_b, extra=signed_security(keys)
+    )
+    async with collector(broker.port, "edge/v1/#") as c, running(cfg_a) as a, running(cfg_b) as b:
+        call = await a.calls_mgr.dial("dev-b")
+        await until(lambda: heard(a) and heard(b))
+        offers = [
+            m.json() for m in c.messages if m.topic == "edge/v1/dev-b/signal"
+        ]  # what dev-a sent
+        assert [o["type"] for o in offers] == ["offer"]
+        await a.calls_mgr.hangup()
+        sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"))
+        sb = await c.wait_for(lambda ms: summaries(ms, "dev-b"))
+    token = offers[0]["token"]
+    assert token.count(".") == 2 and json.loads(_b64(token.split(".")[0])) == {
+        "alg": "EdDSA",
+        "kid": "dev-a-call",
+    }
+    assert sa[0]["call_id"] == sb[0]["call_id"] == call.call_id
+    assert (sa[0]["result"], sb[0]["result"]) == ("completed", "completed"), (sa, sb)
+    for device, freq in (("dev-a", 1000), ("dev-b", 440)):
+        played = active(read_raw(tmp_path / f"spk_{device}.raw"))
+        assert played.size >= 48000, f"{device} heard only {played.size} samples"
+        assert abs(peak_hz(played) - freq) <= hz_tolerance(freq)
+
+
+def _b64(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))

@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 OfferCheck = Callable[[p.Signal], None]
 """Raises sig.SignalError (reason `forbidden`) for an offer whose token is not acceptable."""
+OfferToken = Callable[[str, str], str]
+"""The token for our offer of a call (callee id, call_id): see `offer_token.OfferSigner`."""
 
 
 @dataclass
@@ -101,6 +103,7 @@ class CallManager:
         on_finished: Callable[[Call], None],
         on_fault: Callable[[str | None], None],
         check_offer: OfferCheck | None = None,
+        offer_token: OfferToken | None = None,
         alerts: AlertRules | None = None,
         tracer: trace.Tracer | None = None,
         stun_down: Callable[[], bool] | None = None,
@@ -116,6 +119,7 @@ class CallManager:
         self._on_finished = on_finished
         self._on_fault = on_fault
         self._check_offer = check_offer
+        self._offer_token = offer_token
         self.alerts = alerts
         self.tracer: trace.Tracer = tracer or trace.NoOpTracer()
         self._stun_down = stun_down
@@ -133,13 +137,15 @@ class CallManager:
             raise ValueError(f"no valid peer to dial: {peer!r}")
         if self.active is not None:
             raise RuntimeError(f"busy: call {self.active.call_id} is active")
-        call = self._new_call(sig.new_call_id(), "outgoing", peer, None)
+        call_id = sig.new_call_id()
+        token = None if self._offer_token is None else self._offer_token(peer, call_id)
+        call = self._new_call(call_id, "outgoing", peer, None)
         call.spans.start_call(call.call_id, "outgoing", peer)
         # The offer carries the root span's context, so the far end continues this trace.
         call.traceparent = call.spans.traceparent() or sig.new_traceparent()
         call.answered = asyncio.get_running_loop().create_future()
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        call.task = self._spawn(self._outgoing(call, ready))
+        call.task = self._spawn(self._outgoing(call, ready, token))
         _forget_task_when_done(call)
         await asyncio.shield(ready)
         return call
@@ -366,7 +372,7 @@ class CallManager:
                 call, "error", detail=f"{type(exc).__name__}: {exc}", send_hangup=True
             )
 
-    async def _outgoing(self, call: Call, ready: asyncio.Future[None]) -> None:
+    async def _outgoing(self, call: Call, ready: asyncio.Future[None], token: str | None) -> None:
         call.state = "offering"
         self._on_health("connecting", (f"calling {call.peer}",))
         self._event(call, "info", "call.outgoing", f"calling {call.peer}")
@@ -376,7 +382,12 @@ class CallManager:
                 session = await self._open_session(call)
                 offer_sdp = await session.create_offer()
                 self._send(
-                    "offer", call.peer, call.call_id, sdp=offer_sdp, traceparent=call.traceparent
+                    "offer",
+                    call.peer,
+                    call.call_id,
+                    sdp=offer_sdp,
+                    traceparent=call.traceparent,
+                    token=token,
                 )
                 call.spans.end_phase("signaling.offer")
             finally:

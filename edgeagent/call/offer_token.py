@@ -1,22 +1,32 @@
-"""Signed offers (protocol section 4): checking an offer's token.
+"""Signed offers (protocol section 4): checking an offer's token, and minting our own.
 
 Where `security.signaling = "signed"`, every offer must carry `token`, a JWS as in section 3
 with cmd "call", sub the callee and jti the call_id, from a key the callee trusts and allows
 "call" (an operate key, or one listing "call" in `commands`). The check uses the command
 server's `Verifier`, so offers and commands share the trusted keys and the replay cache (an
 offer's jti is remembered as `call:<call_id>`, apart from command ids).
+
+A device that calls such peers signs its own offers with `security.call_key_file`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
+
+from joserfc.jwk import OKPKey
 
 from edgeagent.call.signaling import SignalError
 from edgeagent.control.catalog import CommandError
+from edgeagent.control.keys import call_claims, sign_command
 from edgeagent.control.tokens import Verifier
 from edgeagent.telemetry.payloads import Signal
 
-__all__ = ["offer_check"]
+__all__ = ["CALL_TOKEN_LIFETIME_S", "OfferSigner", "offer_check"]
+
+CALL_TOKEN_LIFETIME_S: Final = 60
+"""Lifetime of the tokens a device mints: an offer is answered within seconds, and a short
+life bounds what a captured token is worth (it is single-use at the callee anyway)."""
 
 
 def offer_check(verifier: Verifier, callee_id: str) -> Callable[[Signal], None]:
@@ -32,3 +42,28 @@ def offer_check(verifier: Verifier, callee_id: str) -> Callable[[Signal], None]:
             raise SignalError(exc.message, **ids) from exc
 
     return check
+
+
+class OfferSigner:
+    """Mints the tokens of this device's own offers with its call key."""
+
+    def __init__(
+        self,
+        private_key: OKPKey,
+        kid: str,
+        *,
+        clock: Callable[[], float],
+        lifetime_s: int = CALL_TOKEN_LIFETIME_S,
+    ) -> None:
+        self.kid = kid
+        self._key = private_key
+        self._clock = clock
+        self.lifetime_s = lifetime_s
+
+    def __repr__(self) -> str:
+        return f"OfferSigner(kid={self.kid!r}, lifetime_s={self.lifetime_s})"
+
+    def token(self, callee_id: str, call_id: str) -> str:
+        """The token for an offer of call `call_id` to `callee_id`."""
+        claims = call_claims(callee_id, call_id, lifetime_s=self.lifetime_s, now=self._clock())
+        return sign_command(self._key, self.kid, claims)

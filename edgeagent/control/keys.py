@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from joserfc import jws
@@ -36,6 +37,7 @@ __all__ = [
     "expand_roles",
     "generate_keypair",
     "load_private_key",
+    "load_signing_key",
     "load_trusted_keys",
     "parse_public_key",
     "sign_command",
@@ -230,6 +232,36 @@ def load_private_key(value: str | Mapping[str, Any] | OKPKey) -> OKPKey:
     if not key.is_private:
         raise ValueError("a public key cannot sign")
     return key
+
+
+def load_signing_key(path: Path, kid: str | None = None) -> tuple[OKPKey, str]:
+    """(private key, kid) from an Ed25519 private JWK file, as `edgeagent-ctl keygen` writes.
+
+    The kid is `kid` if given, else the file's own. ValueError says what is wrong, never
+    quoting the file (it holds the private key).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ValueError(f"{path} is not JSON (expected an Ed25519 private JWK)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object (expected an Ed25519 private JWK)")
+    try:
+        key = load_private_key(data)
+    except (JoseError, ValueError, TypeError) as exc:
+        reason = exc if isinstance(exc, ValueError) else "not a usable key"
+        raise ValueError(f"{path}: {reason}") from None
+    if kid is None:
+        kid = data.get("kid")
+        if not isinstance(kid, str):
+            raise ValueError(f"{path} has no 'kid'; name it in the file or configure one")
+    if not KID_PATTERN.fullmatch(kid):
+        raise ValueError(f"kid {kid[:64]!r}: expected 1-64 of A-Z a-z 0-9 . _ : -")
+    return key, kid
 
 
 def command_claims(
