@@ -583,9 +583,11 @@ class Agent:
             return True
         return self.netwatch.clock_synced() is not False
 
-    async def dial(self, peer: str | None) -> dict[str, Any]:
+    async def dial(
+        self, peer: str | None, call_id: str | None = None, token: str | None = None
+    ) -> dict[str, Any]:
         try:
-            call = await self.calls_mgr.dial(peer)
+            call = await self.calls_mgr.dial(peer, call_id=call_id, token=token)
         except ValueError as exc:
             raise CommandError(400, str(exc)) from None
         except RuntimeError as exc:

@@ -12,9 +12,10 @@ import pytest
 
 from edgeagent import cli
 from edgeagent.call import signaling as sig
-from edgeagent.call.offer_token import OfferSigner, offer_check
+from edgeagent.call.offer_token import OfferSigner, offer_check, token_mismatch
 from edgeagent.clock import FakeClock
 from edgeagent.config import EXIT_CONFIG, ConfigError, parse_config
+from edgeagent.control.catalog import CATALOG, CommandError, DialArgs, decode_args
 from edgeagent.control.keys import (
     call_claims,
     generate_keypair,
@@ -161,11 +162,46 @@ def test_the_signer_mints_what_the_callee_accepts(verifier: Verifier, clock: Fak
     assert claims["exp"] - claims["iat"] == 60 and claims["iat"] == int(T0)
     offer_check(verifier, CALLEE)(offer("c-7", token))
     assert json.loads(CALLER_PRIV)["d"] not in repr(signer)
+    assert token_mismatch(token, CALLEE, "c-7") is None
 
 
 def _claims_of(token: str) -> Any:
     body = token.split(".")[1]
     return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+
+
+@pytest.mark.parametrize(
+    ("token", "callee", "call_id", "why"),
+    [
+        (mint("c-1"), "dev-c", "c-1", "token is for 'dev-b', not the peer 'dev-c'"),
+        (mint("c-1"), CALLEE, "c-2", "token jti 'c-1' is not the call_id 'c-2'"),
+        (mint("c-1", cmd="dial"), CALLEE, "c-1", "token is for command 'dial', not 'call'"),
+        ("abc", CALLEE, "c-1", "not a JWS compact serialization"),
+        ("a.!!!.c", CALLEE, "c-1", "not readable JSON"),
+        ("a.WzFd.c", CALLEE, "c-1", "not a JSON object"),
+    ],
+)
+def test_a_handed_token_is_checked_against_the_call(
+    token: str, callee: str, call_id: str, why: str
+) -> None:
+    assert why in (token_mismatch(token, callee, call_id) or "")
+
+
+def test_dial_args_take_a_call_id_and_a_bounded_token() -> None:
+    spec = CATALOG["dial"]
+    args = decode_args(spec, {"peer": CALLEE, "call_id": "op.1-x_2", "token": "a.b.c"})
+    assert args == DialArgs(peer=CALLEE, call_id="op.1-x_2", token="a.b.c")
+    for bad in (
+        {"call_id": "has/slash"},
+        {"call_id": "x" * 65},
+        {"call_id": ""},
+        {"token": ""},
+        {"token": "x" * 4097},
+        {"token": 5},
+    ):
+        with pytest.raises(CommandError) as info:
+            decode_args(spec, bad)
+        assert info.value.code == 400, bad
 
 
 # --- the call key in the config ----------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -22,6 +23,7 @@ from call_support import (
 )
 from schema_support import assert_valid
 
+from edgeagent import ctl
 from edgeagent.call import signaling as sig
 from edgeagent.control.keys import call_claims, generate_keypair, sign_command
 
@@ -204,3 +206,69 @@ async def test_a_device_with_a_call_key_calls_a_signed_device_with_audio(
 
 def _b64(segment: str) -> bytes:
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+async def _ctl(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, dict[str, Any]]:
+    """edgeagent-ctl in a worker thread (its own loop); its --json answer."""
+    capsys.readouterr()
+    rc = await asyncio.to_thread(ctl.main, argv)
+    lines = capsys.readouterr().out.strip().splitlines()
+    return rc, (json.loads(lines[-1]) if lines else {})
+
+
+@pytest.mark.slow
+async def test_dial_with_an_operator_minted_token_reaches_a_signed_device(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    keys = Keys(tmp_path / "keys")
+    alsa = alsa_env(tmp_path, monkeypatch)
+    # dev-a has no call key of its own: it takes operator commands signed with "op".
+    cfg_a = endpoint_config(
+        tmp_path,
+        broker.port,
+        "dev-a",
+        alsa,
+        mic=tone(440, 20),
+        extra=f'[security]\nkeys_file = "{keys.trusted}"\n',
+    )
+    cfg_b = endpoint_config(
+        tmp_path, broker.port, "dev-b", alsa, mic=tone(1000, 20), extra=signed_security(keys)
+    )
+
+    def dial(*args: str) -> list[str]:
+        return ["cmd", "dev-a", "dial", "peer=dev-b", *args, "--json",
+                "--port", str(broker.port), "--key", str(keys.path("op"))]  # fmt: skip
+
+    async with collector(broker.port, "edge/v1/#") as c, running(cfg_a) as a, running(cfg_b) as b:
+        # Without a token dev-b refuses the call.
+        rc, resp = await _ctl(capsys, dial())
+        assert rc == 0 and resp["code"] == 200, resp
+        plain = resp["result"]["call_id"]
+        summary = await c.wait_for(
+            lambda ms: [s for s in summaries(ms, "dev-a") if s["call_id"] == plain]
+        )
+        assert summary[0]["end_reason"] == "rejected_forbidden"
+        # A token for another call or peer is refused by dev-a before any offer.
+        other = keys.call_token("dev-b", "op-call-2")
+        rc, resp = await _ctl(capsys, dial("call_id=op-call-1", f"token={other}"))
+        assert resp["code"] == 400 and "is not the call_id 'op-call-1'" in resp["error"], resp
+        rc, resp = await _ctl(capsys, dial(f"token={other}"))
+        assert resp["code"] == 400 and "needs the call_id" in resp["error"], resp
+        # The operator mints the call's token: dev-a offers with it, dev-b answers.
+        token = keys.call_token("dev-b", "op-call-1")
+        rc, resp = await _ctl(capsys, dial("call_id=op-call-1", f"token={token}"))
+        assert rc == 0 and resp["result"]["call_id"] == "op-call-1", resp
+        await until(lambda: heard(a) and heard(b))
+        await a.calls_mgr.hangup()
+        sb = await c.wait_for(
+            lambda ms: [s for s in summaries(ms, "dev-b") if s["call_id"] == "op-call-1"]
+        )
+    assert sb[0]["result"] == "completed", sb
+    sent = [m.json() for m in c.messages if m.topic == "edge/v1/dev-b/signal"]
+    assert [(o["call_id"], o.get("token")) for o in sent if o["type"] == "offer"] == [
+        (plain, None),
+        ("op-call-1", token),
+    ]

@@ -27,6 +27,7 @@ from opentelemetry.util.types import AttributeValue
 
 from edgeagent.audio.checks import AudioIssueChanged
 from edgeagent.call import signaling as sig
+from edgeagent.call.offer_token import token_mismatch
 from edgeagent.call.session import CallEnded, CallSession, QualitySample
 from edgeagent.clock import Clock
 from edgeagent.config import Config
@@ -130,15 +131,30 @@ class CallManager:
 
     # --- public API (button, commands) ----------------------------------------------------
 
-    async def dial(self, peer: str | None = None) -> Call:
-        """Start an outgoing call; returns once the offer is sent (the call continues)."""
+    async def dial(
+        self, peer: str | None = None, *, call_id: str | None = None, token: str | None = None
+    ) -> Call:
+        """Start an outgoing call; returns once the offer is sent (the call continues).
+
+        `call_id` and `token` (an operator-minted offer token, which needs the call_id it was
+        minted for) replace the fresh id and the token of our own call key.
+        """
         peer = peer or self.cfg.call.default_peer
         if not peer or not sig.ENDPOINT_ID.match(peer):
             raise ValueError(f"no valid peer to dial: {peer!r}")
+        if call_id is not None and not sig.CALL_ID.match(call_id):
+            raise ValueError(f"bad call_id {call_id!r}: 1-64 of A-Z a-z 0-9 . _ -")
+        if token is not None:
+            if call_id is None:
+                raise ValueError("a token needs the call_id it was minted for")
+            mismatch = token_mismatch(token, peer, call_id)
+            if mismatch is not None:
+                raise ValueError(mismatch)
         if self.active is not None:
             raise RuntimeError(f"busy: call {self.active.call_id} is active")
-        call_id = sig.new_call_id()
-        token = None if self._offer_token is None else self._offer_token(peer, call_id)
+        call_id = call_id or sig.new_call_id()
+        if token is None and self._offer_token is not None:
+            token = self._offer_token(peer, call_id)
         call = self._new_call(call_id, "outgoing", peer, None)
         call.spans.start_call(call.call_id, "outgoing", peer)
         # The offer carries the root span's context, so the far end continues this trace.

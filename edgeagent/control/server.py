@@ -118,8 +118,11 @@ class CommandContext(Protocol):
 
     def call_active(self) -> bool: ...
 
-    async def dial(self, peer: str | None) -> dict[str, Any]:
-        """Start a call (None: the default peer); CommandError 409 busy, 404 no such peer."""
+    async def dial(
+        self, peer: str | None, call_id: str | None = None, token: str | None = None
+    ) -> dict[str, Any]:
+        """Start a call (None: the default peer), as `call_id` with offer `token` when given;
+        CommandError 409 busy, 400 no such peer or a token that is not this call's."""
         ...
 
     async def hangup(self, call_id: str | None) -> dict[str, Any]:
