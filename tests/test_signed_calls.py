@@ -15,6 +15,7 @@ from agent_support import Collector, collector
 from alsa_support import active, hz_tolerance, peak_hz, read_raw, tone
 from call_support import (
     alsa_env,
+    echo_peer,
     endpoint_config,
     events,
     running,
@@ -272,3 +273,37 @@ async def test_dial_with_an_operator_minted_token_reaches_a_signed_device(
         (plain, None),
         ("op-call-1", token),
     ]
+
+
+@pytest.mark.slow
+async def test_a_signed_echo_peer_answers_only_signed_offers(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    keys = Keys(tmp_path / "keys")
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(
+        tmp_path, broker.port, "dev-a", alsa, mic=tone(700, 20), extra=signed_security(keys)
+    )
+    cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa, extra=signed_security(keys))
+    cfg_k = endpoint_config(
+        tmp_path,
+        broker.port,
+        "dev-k",
+        alsa,
+        mic=tone(700, 20),
+        extra=signed_security(keys, call_key=True),
+    )
+    async with collector(broker.port, "edge/v1/#") as c, echo_peer(cfg_e) as echo:
+        async with running(cfg_a) as a:  # signed itself, but without a call key
+            await a.calls_mgr.dial("echo")
+            sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"))
+        assert sa[0]["end_reason"] == "rejected_forbidden" and echo.refused == 1
+        async with running(cfg_k) as k:
+            await k.calls_mgr.dial("echo")
+            await until(lambda: heard(k, 200))
+            await k.calls_mgr.hangup()
+        assert echo.answered == 1 and echo.refused == 1
+    played = active(read_raw(tmp_path / "spk_dev-k.raw"))
+    assert abs(peak_hz(played) - 700) <= hz_tolerance(700)
