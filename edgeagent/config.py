@@ -26,7 +26,7 @@ from pydantic import (
     field_validator,
 )
 
-from edgeagent.control.keys import load_signing_key
+from edgeagent.control.keys import load_keys_file, load_signing_key
 
 ENV_PREFIX = "EDGEAGENT__"
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h; the unit's RestartPreventExitStatus
@@ -188,6 +188,7 @@ class SecurityConfig(_Section):
     signaling: Literal["open", "signed"] = "open"
     """"signed": incoming offers must carry a call token from a key in keys_file."""
     keys_file: Path | None = None
+    """Trusted keys (JSON) for commands and signed offers; read at check-config."""
     max_token_lifetime_s: int = Field(300, ge=10, le=86_400)
     armed: list[str] = []
     """Dangerous commands allowed on this device (memory, profile, crash, restart)."""
@@ -197,6 +198,14 @@ class SecurityConfig(_Section):
     call_key_file: Path | None = Field(None, validate_default=True)
     """This device's Ed25519 private JWK: it signs a token into each offer it sends, for
     peers that take signed offers only."""
+
+    @field_validator("keys_file")
+    @classmethod
+    def _keys_usable(cls, v: Path | None) -> Path | None:
+        # A bad file is a config error (exit 78), not a crash at start and a restart loop.
+        if v is not None:
+            load_keys_file(v)
+        return v
 
     @field_validator("call_key_file")
     @classmethod

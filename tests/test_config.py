@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tomllib
@@ -12,6 +13,7 @@ from pydantic import BaseModel
 
 from edgeagent.cli import main
 from edgeagent.config import Config, ConfigError, env_overrides, load_config, parse_config
+from edgeagent.control.keys import generate_keypair
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,3 +159,32 @@ def test_run_exits_78_on_bad_config_as_a_process(tmp_path: Path) -> None:
     )
     assert proc.returncode == 78
     assert "device.id" in proc.stderr
+
+
+def test_keys_file_is_read_at_check_config(tmp_path: Path) -> None:
+    _, public, _ = generate_keypair("op")
+    good = tmp_path / "keys.json"
+    good.write_text(json.dumps({"keys": [{"kid": "op", "public_key": public, "roles": ["read"]}]}))
+    not_json = tmp_path / "text.json"
+    not_json.write_text("kid = op")
+    no_roles = tmp_path / "noroles.json"
+    no_roles.write_text(json.dumps([{"kid": "op", "public_key": public}]))
+
+    def errors(path: Path) -> list[str]:
+        with pytest.raises(ConfigError) as info:
+            parse_config({"device": {"id": "d"}, "security": {"keys_file": str(path)}}, environ={})
+        return info.value.errors
+
+    assert (
+        parse_config(
+            {"device": {"id": "d"}, "security": {"keys_file": str(good)}}, environ={}
+        ).security.keys_file
+        == good
+    )
+    for path, why in (
+        (tmp_path / "missing.json", "cannot read"),
+        (not_json, "is not JSON"),
+        (no_roles, "keys[0]: give 'roles' and/or 'commands'"),
+    ):
+        (line,) = errors(path)
+        assert line.startswith("security.keys_file: ") and why in line, line

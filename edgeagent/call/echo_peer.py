@@ -39,9 +39,8 @@ from edgeagent.call.opus import (
 from edgeagent.call.session import opus_settings
 from edgeagent.call.tracks import install_receive_path
 from edgeagent.config import Config
-from edgeagent.control.keys import TrustedKey
+from edgeagent.control.keys import TrustedKey, load_keys_file
 from edgeagent.control.replay import ReplayCache
-from edgeagent.control.server import load_keys_file
 from edgeagent.control.tokens import Verifier
 from edgeagent.events import EventBus
 from edgeagent.mqtt import BrokerLink, BrokerUnavailable, Inbound, SessionCounter

@@ -36,6 +36,7 @@ __all__ = [
     "command_claims",
     "expand_roles",
     "generate_keypair",
+    "load_keys_file",
     "load_private_key",
     "load_signing_key",
     "load_trusted_keys",
@@ -203,6 +204,20 @@ def load_trusted_keys(
     if errors:
         raise KeyConfigError(errors)
     return keys
+
+
+def load_keys_file(path: Path) -> dict[str, TrustedKey]:
+    """Trusted keys from a JSON file: a list of entries, or {"keys": [...]}; KeyConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise KeyConfigError([f"cannot read {path}: {exc.strerror or exc}"]) from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise KeyConfigError([f"{path} is not JSON: {exc}"]) from None
+    entries: Any = data.get("keys") if isinstance(data, dict) else data
+    return load_trusted_keys(entries, path=f"{path}:keys")
 
 
 def generate_keypair(kid: str | None = None) -> tuple[str, str, str]:

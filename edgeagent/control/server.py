@@ -46,7 +46,7 @@ from edgeagent.control.catalog import (
     get_spec,
 )
 from edgeagent.control.handlers import AfterReply, Handlers
-from edgeagent.control.keys import TrustedKey, load_trusted_keys
+from edgeagent.control.keys import TrustedKey, load_keys_file
 from edgeagent.control.ratelimit import RateLimiter
 from edgeagent.control.redact import Redactor
 from edgeagent.control.replay import ReplayCache
@@ -192,13 +192,6 @@ def describe_catalog(armed: set[str] | frozenset[str] = frozenset()) -> list[dic
         }
         for s in CATALOG.values()
     ]
-
-
-def load_keys_file(path: Path) -> dict[str, TrustedKey]:
-    """Trusted operator keys from a JSON file: a list of entries, or {"keys": [...]}."""
-    data = json.loads(path.read_text(encoding="utf-8"))
-    entries: Any = data.get("keys") if isinstance(data, dict) else data
-    return load_trusted_keys(entries, path=f"{path}:keys")
 
 
 def _shrink_once(value: Any, key: str | None = None) -> tuple[Any, bool]:
