@@ -22,11 +22,13 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from edgeagent import __version__
 from edgeagent.call.calltest import run_call_test
 from edgeagent.call.ice import ignored_servers, stun_seen_down
-from edgeagent.call.manager import Call, CallManager
+from edgeagent.call.manager import Call, CallManager, OfferCheck, OfferToken
+from edgeagent.call.offer_token import CALL_TOKEN_LIFETIME_S, OfferSigner, offer_check
 from edgeagent.clock import Clock, SystemClock
 from edgeagent.config import Config, config_hash
 from edgeagent.control.catalog import CommandError
 from edgeagent.control.handlers import apply_log_level, check_hangup_target
+from edgeagent.control.keys import load_signing_key
 from edgeagent.control.server import build_command_server, describe_catalog
 from edgeagent.events import BrokerConnected, BrokerDisconnected, EventBus, HealthChanged, Noted
 from edgeagent.health.alerts import (
@@ -229,6 +231,8 @@ class Agent:
             on_health=self._on_call_health,
             on_finished=self._on_call_finished,
             on_fault=self._on_audio_fault,
+            check_offer=self._offer_check(),
+            offer_token=self._offer_signer(),
             alerts=self.alerts,
             stun_down=self._stun_seen_down,
             tracer=(
@@ -242,6 +246,24 @@ class Agent:
         self.bus.subscribe(Noted, self._on_noted)
         self.bus.subscribe(BrokerConnected, lambda _e: self._set_online(True))
         self.bus.subscribe(BrokerDisconnected, lambda _e: self._set_online(False))
+
+    def _offer_check(self) -> OfferCheck | None:
+        """With signed signaling, offers are checked with the command server's keys."""
+        s = self.cfg.security
+        if s.signaling != "signed":
+            return None
+        if s.keys_file is None:
+            logger.warning("signaling: signed, but no keys_file; every offer will be refused")
+        return offer_check(self.commands.verifier, self.cfg.device.id)
+
+    def _offer_signer(self) -> OfferToken | None:
+        """With a call key, every offer this device sends carries a token it signed."""
+        s = self.cfg.security
+        if s.call_key_file is None:
+            return None
+        key, kid = load_signing_key(s.call_key_file, s.call_key_id)
+        lifetime_s = min(CALL_TOKEN_LIFETIME_S, s.max_token_lifetime_s)
+        return OfferSigner(key, kid, clock=self.clock.time, lifetime_s=lifetime_s).token
 
     def _stun_seen_down(self) -> bool:
         """The latest network probe found the (first, the only used) STUN server dead."""
@@ -580,9 +602,11 @@ class Agent:
             return True
         return self.netwatch.clock_synced() is not False
 
-    async def dial(self, peer: str | None) -> dict[str, Any]:
+    async def dial(
+        self, peer: str | None, call_id: str | None = None, token: str | None = None
+    ) -> dict[str, Any]:
         try:
-            call = await self.calls_mgr.dial(peer)
+            call = await self.calls_mgr.dial(peer, call_id=call_id, token=token)
         except ValueError as exc:
             raise CommandError(400, str(exc)) from None
         except RuntimeError as exc:

@@ -22,9 +22,12 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+
+from edgeagent.control.keys import load_keys_file, load_signing_key
 
 ENV_PREFIX = "EDGEAGENT__"
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h; the unit's RestartPreventExitStatus
@@ -199,11 +202,36 @@ class ButtonConfig(_Section):
 class SecurityConfig(_Section):
     commands: Literal["signed", "open"] = "signed"
     signaling: Literal["open", "signed"] = "open"
+    """"signed": incoming offers must carry a call token from a key in keys_file."""
     keys_file: Path | None = None
+    """Trusted keys (JSON) for commands and signed offers; read at check-config."""
     max_token_lifetime_s: int = Field(300, ge=10, le=86_400)
     armed: list[str] = []
     """Dangerous commands allowed on this device (memory, profile, crash, restart)."""
     local_socket: Path | None = None
+    call_key_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,64}$")] | None = None
+    """The kid this device's offer tokens name (default: the kid in call_key_file)."""
+    call_key_file: Path | None = Field(None, validate_default=True)
+    """This device's Ed25519 private JWK: it signs a token into each offer it sends, for
+    peers that take signed offers only."""
+
+    @field_validator("keys_file")
+    @classmethod
+    def _keys_usable(cls, v: Path | None) -> Path | None:
+        # A bad file is a config error (exit 78), not a crash at start and a restart loop.
+        if v is not None:
+            load_keys_file(v)
+        return v
+
+    @field_validator("call_key_file")
+    @classmethod
+    def _call_key_usable(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        # Read here so check-config reports a missing or bad key, not the first call.
+        if v is not None:
+            load_signing_key(v, info.data.get("call_key_id"))
+        elif info.data.get("call_key_id") is not None:
+            raise ValueError("required when call_key_id is set")
+        return v
 
 
 class TracingConfig(_Section):

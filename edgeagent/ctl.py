@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import ssl
 import sys
 import time
@@ -29,7 +30,13 @@ from rich.live import Live
 from rich.table import Table
 
 from edgeagent.control.catalog import CATALOG
-from edgeagent.control.keys import command_claims, generate_keypair, load_private_key, sign_command
+from edgeagent.control.keys import (
+    call_claims,
+    command_claims,
+    generate_keypair,
+    load_private_key,
+    sign_command,
+)
 
 __all__ = [
     "EXIT_CODES",
@@ -41,6 +48,7 @@ __all__ = [
     "run_main",
     "send_command",
     "send_local",
+    "with_call_token",
 ]
 
 EXIT_CODES: Final = {
@@ -390,16 +398,40 @@ def _cmd_keygen(ns: argparse.Namespace, console: Console) -> int:
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(private + "\n")
-    entry = {"kid": kid, "public_key": public, "roles": ns.roles or ["read"]}
+    entry: dict[str, Any] = {"kid": kid, "public_key": public}
+    if ns.roles or not ns.commands:
+        entry["roles"] = ns.roles or ["read"]
+    if ns.commands:
+        entry["commands"] = ns.commands
     console.print(f"private key written to {out} (keep it secret)", style="dim", highlight=False)
     print(json.dumps(entry))  # for the device's keys_file
     return 0
+
+
+def with_call_token(
+    args: dict[str, Any], private_jwk: str, kid: str, *, lifetime_s: int = 60
+) -> dict[str, Any]:
+    """`dial` args with an offer token for a peer with signed signaling (protocol section 4):
+    cmd "call", sub the peer, jti the call_id (the given one, else a fresh one)."""
+    peer = args.get("peer")
+    if not isinstance(peer, str):
+        raise CtlError("--call-token needs peer=ID: the token is for that callee", EXIT_USAGE)
+    call_id = args.get("call_id") or secrets.token_hex(8)
+    if not isinstance(call_id, str):
+        raise CtlError("call_id must be a string", EXIT_USAGE)
+    claims = call_claims(peer, call_id, lifetime_s=lifetime_s)
+    return {**args, "call_id": call_id, "token": sign_command(private_jwk, kid, claims)}
 
 
 async def _cmd_cmd(ns: argparse.Namespace, console: Console, err: Console) -> int:
     if ns.name not in CATALOG and not ns.any_name:
         err.print(f"[yellow]note: {ns.name!r} is not in the v1 catalog[/]")
     args = parse_args_kv(ns.args)
+    if ns.call_token:
+        if ns.name != "dial":
+            raise CtlError("--call-token is for the dial command", EXIT_USAGE)
+        call_key, call_kid = _load_key(ns.key)
+        args = with_call_token(args, call_key, ns.kid or call_kid, lifetime_s=ns.lifetime)
     spec = CATALOG.get(ns.name)
     timeout_s = ns.timeout if ns.timeout is not None else (spec.timeout_s if spec else 10) + 10
 
@@ -561,6 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kid")
     p.add_argument("--out", help="private key file (default <kid>.jwk.json, mode 0600)")
     p.add_argument("--roles", nargs="*", choices=["read", "operate", "debug"])
+    p.add_argument(
+        "--commands",
+        nargs="*",
+        help="commands the key may run whatever its roles; a device's call key: call",
+    )
 
     p = sub.add_parser("cmd", parents=[conn], help="send one command and print the answer")
     p.add_argument("device")
@@ -574,6 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="seconds to wait (default: per command)")
     p.add_argument("--lifetime", type=int, default=60, help="token lifetime in seconds")
     p.add_argument("--no-wait", action="store_true", help="return at a 202")
+    p.add_argument(
+        "--call-token",
+        action="store_true",
+        help="dial: sign the offer's token (for a peer with signed signaling) with --key",
+    )
     p.add_argument("--any-name", action="store_true", help=argparse.SUPPRESS)
 
     p = sub.add_parser("watch", parents=[conn], help="live status, health, metrics, alerts")

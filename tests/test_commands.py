@@ -71,6 +71,7 @@ class StaticContext:
     active_call: bool = False
     synced: bool = True
     calls: list[str] = field(default_factory=list)
+    dial_tokens: list[str | None] = field(default_factory=list)
     restarts: list[str] = field(default_factory=list)
     crashes: list[str] = field(default_factory=list)
     levels: list[tuple[str, int]] = field(default_factory=list)
@@ -113,11 +114,14 @@ class StaticContext:
     def call_active(self) -> bool:
         return self.active_call
 
-    async def dial(self, peer: str | None) -> dict[str, Any]:
+    async def dial(
+        self, peer: str | None, call_id: str | None = None, token: str | None = None
+    ) -> dict[str, Any]:
         if self.calls:
             raise CommandError(Status.BUSY, "already in a call")
-        call_id = f"call-{len(self.calls) + 1}"
+        call_id = call_id or f"call-{len(self.calls) + 1}"
         self.calls.append(call_id)
+        self.dial_tokens.append(token)
         return {"call_id": call_id, "peer": peer or "default-peer"}
 
     async def hangup(self, call_id: str | None) -> dict[str, Any]:
@@ -610,7 +614,13 @@ async def test_dial_hangup_call_test_diagnose_via_context(
         }
         rc, resp = await run_ctl(capsys, rig.ctl_argv("dial", "peer=Not_A_Valid_Id"))
         assert resp["code"] == 400 and "peer" in resp["error"]
-        assert rig.server.executed == {"dial": 2, "hangup": 4, "call_test": 1, "diagnose": 1}
+        rc, resp = await run_ctl(capsys, rig.ctl_argv("dial", "call_id=a/b", "token=x.y.z"))
+        assert resp["code"] == 400 and "call_id" in resp["error"]
+        argv = rig.ctl_argv("dial", "peer=operator-1", "call_id=op-7", "token=x.y.z")
+        rc, resp = await run_ctl(capsys, argv)
+        assert rc == 0 and resp["result"]["call_id"] == "op-7"
+        assert rig.ctx.dial_tokens == [None, "x.y.z"]
+        assert rig.server.executed == {"dial": 3, "hangup": 4, "call_test": 1, "diagnose": 1}
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tomllib
@@ -12,6 +13,7 @@ from pydantic import BaseModel
 
 from edgeagent.cli import main
 from edgeagent.config import Config, ConfigError, env_overrides, load_config, parse_config
+from edgeagent.control.keys import generate_keypair
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,3 +192,32 @@ def test_every_accepted_playout_setting_makes_a_playout_buffer() -> None:
         )
         a = cfg.audio
         PlayoutBuffer(PlayoutSettings(target_ms=a.playout_target_ms, max_ms=a.playout_max_ms))
+
+
+def test_keys_file_is_read_at_check_config(tmp_path: Path) -> None:
+    _, public, _ = generate_keypair("op")
+    good = tmp_path / "keys.json"
+    good.write_text(json.dumps({"keys": [{"kid": "op", "public_key": public, "roles": ["read"]}]}))
+    not_json = tmp_path / "text.json"
+    not_json.write_text("kid = op")
+    no_roles = tmp_path / "noroles.json"
+    no_roles.write_text(json.dumps([{"kid": "op", "public_key": public}]))
+
+    def errors(path: Path) -> list[str]:
+        with pytest.raises(ConfigError) as info:
+            parse_config({"device": {"id": "d"}, "security": {"keys_file": str(path)}}, environ={})
+        return info.value.errors
+
+    assert (
+        parse_config(
+            {"device": {"id": "d"}, "security": {"keys_file": str(good)}}, environ={}
+        ).security.keys_file
+        == good
+    )
+    for path, why in (
+        (tmp_path / "missing.json", "cannot read"),
+        (not_json, "is not JSON"),
+        (no_roles, "keys[0]: give 'roles' and/or 'commands'"),
+    ):
+        (line,) = errors(path)
+        assert line.startswith("security.keys_file: ") and why in line, line

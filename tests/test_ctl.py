@@ -16,7 +16,11 @@ from rich.console import Console
 from test_commands import DEVICE, TOPICS, make_rig, run_ctl
 
 from edgeagent import ctl
-from edgeagent.control.keys import load_trusted_keys
+from edgeagent.call import signaling as sig
+from edgeagent.call.offer_token import token_mismatch
+from edgeagent.control.keys import generate_keypair, load_trusted_keys
+from edgeagent.control.replay import ReplayCache
+from edgeagent.control.tokens import Verifier
 from edgeagent.telemetry import payloads as p
 
 
@@ -221,3 +225,32 @@ def test_run_main_exits_with_mains_code(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(SystemExit) as info:
         ctl.run_main()
     assert info.value.code == ctl.EXIT_UNREACHABLE
+
+
+def test_keygen_for_a_call_key_grants_call_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "dev-a-call.jwk.json"
+    assert ctl.main(["keygen", "--kid", "dev-a-call", "--out", str(out), "--commands", "call"]) == 0
+    entry = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(entry) == {"kid", "public_key", "commands"} and entry["commands"] == ["call"]
+    key = load_trusted_keys([entry])["dev-a-call"]
+    assert key.allows("call") and not key.allows("ping") and not key.allows("dial")
+
+
+def test_call_token_args_are_what_the_callee_verifies(tmp_path: Path) -> None:
+    private, public, _ = generate_keypair("op")
+    args = ctl.with_call_token({"peer": "dev-b"}, private, "op", lifetime_s=30)
+    assert sig.CALL_ID.match(args["call_id"]) and args["peer"] == "dev-b"
+    assert token_mismatch(args["token"], "dev-b", args["call_id"]) is None
+    trusted = load_trusted_keys([{"kid": "op", "public_key": public, "roles": ["operate"]}])
+    verifier = Verifier(
+        "dev-b", trusted, replay=ReplayCache(tmp_path / "r.sqlite3", time.time), clock=time.time
+    )
+    got = verifier.verify_call_token(args["token"], "dev-b", args["call_id"])
+    assert got.exp - got.iat == 30
+    given = ctl.with_call_token({"peer": "dev-b", "call_id": "mine-1"}, private, "op")
+    assert given["call_id"] == "mine-1"
+    with pytest.raises(ctl.CtlError, match="needs peer=ID"):
+        ctl.with_call_token({}, private, "op")
+    assert ctl.main(["cmd", "dev-a", "ping", "--call-token", "--open"]) == ctl.EXIT_USAGE

@@ -5,7 +5,9 @@ command. It speaks the same signaling as a device and uses the same receive
 path and Opus settings, so what comes back went through a real call both ways:
 lost packets are concealed with libopus PLC and recovered from the caller's FEC,
 its SDP says it decodes FEC (`a=tool:edgeagent/... opus-fec`, with libopus0), and
-it sends FEC back under the loss the caller reports, as an agent does.
+it sends FEC back under the loss the caller reports, as an agent does. With
+`security.signaling = "signed"` it answers only offers whose token a key in its
+`keys_file` signed (docs/signaling.md), as a device does.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
@@ -23,6 +26,7 @@ from edgeagent import __version__
 from edgeagent.call import libopus
 from edgeagent.call import signaling as sig
 from edgeagent.call.ice import ice_configuration, ignored_servers, restrict_host_addresses
+from edgeagent.call.offer_token import offer_check
 from edgeagent.call.opus import (
     LossHint,
     far_end_decodes_fec,
@@ -35,6 +39,9 @@ from edgeagent.call.opus import (
 from edgeagent.call.session import opus_settings
 from edgeagent.call.tracks import install_receive_path
 from edgeagent.config import Config
+from edgeagent.control.keys import TrustedKey, load_keys_file
+from edgeagent.control.replay import ReplayCache
+from edgeagent.control.tokens import Verifier
 from edgeagent.events import EventBus
 from edgeagent.mqtt import BrokerLink, BrokerUnavailable, Inbound, SessionCounter
 from edgeagent.quality.stats import NetworkStats, normalise, window
@@ -67,9 +74,32 @@ class EchoPeer:
         self.calls: dict[str, RTCPeerConnection] = {}
         self._callers: dict[str, str] = {}  # call_id -> caller, to hang up on a clean stop
         self.answered = 0
+        self.refused = 0
+        self._replay: ReplayCache | None = None
+        self._check_offer = self._offer_check()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._stop_reason = "stopped"
+
+    def _offer_check(self) -> Callable[[p.Signal], None] | None:
+        """With signed signaling, offers need a token from a key in keys_file, as on a device."""
+        sec = self.cfg.security
+        if sec.signaling != "signed":
+            return None
+        keys: dict[str, TrustedKey] = {}
+        if sec.keys_file is not None:
+            keys = load_keys_file(sec.keys_file)
+        else:
+            logger.warning("echo peer: signed signaling, but no keys_file; refusing every offer")
+        self._replay = ReplayCache(self.cfg.storage.state_dir / "echo-replay.sqlite3", time.time)
+        verifier = Verifier(
+            self.cfg.device.id,
+            keys,
+            max_lifetime_s=sec.max_token_lifetime_s,
+            replay=self._replay,
+            clock=time.time,
+        )
+        return offer_check(verifier, self.cfg.device.id)
 
     def _status(self, state: str, session: int, reason: str | None = None) -> bytes:
         return p.encode(
@@ -127,6 +157,8 @@ class EchoPeer:
                 await link
             for pc in list(self.calls.values()):
                 await pc.close()
+            if self._replay is not None:
+                self._replay.close()
 
     def _on_signal(self, inbound: Inbound) -> None:
         try:
@@ -139,6 +171,19 @@ class EchoPeer:
         if msg.type == "offer":
             if msg.call_id in self.calls:
                 return
+            if self._check_offer is not None:
+                try:
+                    self._check_offer(msg)
+                except sig.SignalError as exc:
+                    self.refused += 1
+                    logger.warning(
+                        "echo peer: call %s from %s rejected (forbidden): offer token refused: %s",
+                        msg.call_id,
+                        msg.from_,
+                        exc,
+                    )
+                    self._send("reject", msg.from_, msg.call_id, reason="forbidden")
+                    return
             if len(self.calls) >= MAX_CALLS:
                 self._send("reject", msg.from_, msg.call_id, reason="busy")
                 return

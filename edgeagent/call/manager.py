@@ -27,6 +27,7 @@ from opentelemetry.util.types import AttributeValue
 
 from edgeagent.audio.checks import AudioIssueChanged
 from edgeagent.call import signaling as sig
+from edgeagent.call.offer_token import token_mismatch
 from edgeagent.call.session import CallEnded, CallSession, QualitySample
 from edgeagent.clock import Clock
 from edgeagent.config import Config
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 OfferCheck = Callable[[p.Signal], None]
 """Raises sig.SignalError (reason `forbidden`) for an offer whose token is not acceptable."""
+OfferToken = Callable[[str, str], str]
+"""The token for our offer of a call (callee id, call_id): see `offer_token.OfferSigner`."""
 
 
 @dataclass
@@ -101,6 +104,7 @@ class CallManager:
         on_finished: Callable[[Call], None],
         on_fault: Callable[[str | None], None],
         check_offer: OfferCheck | None = None,
+        offer_token: OfferToken | None = None,
         alerts: AlertRules | None = None,
         tracer: trace.Tracer | None = None,
         stun_down: Callable[[], bool] | None = None,
@@ -116,6 +120,7 @@ class CallManager:
         self._on_finished = on_finished
         self._on_fault = on_fault
         self._check_offer = check_offer
+        self._offer_token = offer_token
         self.alerts = alerts
         self.tracer: trace.Tracer = tracer or trace.NoOpTracer()
         self._stun_down = stun_down
@@ -126,20 +131,37 @@ class CallManager:
 
     # --- public API (button, commands) ----------------------------------------------------
 
-    async def dial(self, peer: str | None = None) -> Call:
-        """Start an outgoing call; returns once the offer is sent (the call continues)."""
+    async def dial(
+        self, peer: str | None = None, *, call_id: str | None = None, token: str | None = None
+    ) -> Call:
+        """Start an outgoing call; returns once the offer is sent (the call continues).
+
+        `call_id` and `token` (an operator-minted offer token, which needs the call_id it was
+        minted for) replace the fresh id and the token of our own call key.
+        """
         peer = peer or self.cfg.call.default_peer
         if not peer or not sig.ENDPOINT_ID.match(peer):
             raise ValueError(f"no valid peer to dial: {peer!r}")
+        if call_id is not None and not sig.CALL_ID.match(call_id):
+            raise ValueError(f"bad call_id {call_id!r}: 1-64 of A-Z a-z 0-9 . _ -")
+        if token is not None:
+            if call_id is None:
+                raise ValueError("a token needs the call_id it was minted for")
+            mismatch = token_mismatch(token, peer, call_id)
+            if mismatch is not None:
+                raise ValueError(mismatch)
         if self.active is not None:
             raise RuntimeError(f"busy: call {self.active.call_id} is active")
-        call = self._new_call(sig.new_call_id(), "outgoing", peer, None)
+        call_id = call_id or sig.new_call_id()
+        if token is None and self._offer_token is not None:
+            token = self._offer_token(peer, call_id)
+        call = self._new_call(call_id, "outgoing", peer, None)
         call.spans.start_call(call.call_id, "outgoing", peer)
         # The offer carries the root span's context, so the far end continues this trace.
         call.traceparent = call.spans.traceparent() or sig.new_traceparent()
         call.answered = asyncio.get_running_loop().create_future()
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        call.task = self._spawn(self._outgoing(call, ready))
+        call.task = self._spawn(self._outgoing(call, ready, token))
         _forget_task_when_done(call)
         await asyncio.shield(ready)
         return call
@@ -244,8 +266,9 @@ class CallManager:
             # A redelivered (or replayed) offer of a call that already has its record:
             # no second call, summary or event; a refusal is repeated in case it was lost.
             logger.info("signaling: offer %s again, after it ended %s", msg.call_id, done.result)
-            if done.result == "rejected" and done.end_reason in sig.REJECT_REASONS:
-                self._send("reject", msg.from_, msg.call_id, reason=done.end_reason)
+            sent = done.extra.get("rejected_with")
+            if sent is not None:
+                self._send("reject", msg.from_, msg.call_id, reason=sent)
             return
         if not sig.caller_allowed(msg.from_, self.cfg.call.allow):
             self._refuse(msg, "forbidden", f"caller {msg.from_} is not allowed")
@@ -329,6 +352,7 @@ class CallManager:
             spans=CallTracer(self.tracer),
         )
         call.spans.start_call(call.call_id, "incoming", call.peer, msg.traceparent)
+        call.extra["rejected_with"] = reason  # repeated to a redelivery of this offer
         self.publisher.event(
             "warning" if reason == "forbidden" else "info",
             "call.incoming",
@@ -348,6 +372,7 @@ class CallManager:
         policy = self.cfg.call.answer
         if policy == "reject":
             self._send("reject", call.peer, call.call_id, reason="unavailable")
+            call.extra["rejected_with"] = "unavailable"
             await self._finish(call, "policy_reject", result="rejected")
             return
         if policy == "ring":
@@ -368,6 +393,7 @@ class CallManager:
                     await self._finish(call, "remote_cancel", result="missed")
                     return
                 self._send("reject", call.peer, call.call_id, reason="unavailable")
+                call.extra["rejected_with"] = "unavailable"
                 reason = "ring_timeout" if call.extra.get("ring_timeout") else "declined"
                 await self._finish(
                     call, reason, result="missed" if reason == "ring_timeout" else "rejected"
@@ -392,7 +418,7 @@ class CallManager:
                 call, "error", detail=f"{type(exc).__name__}: {exc}", send_hangup=True
             )
 
-    async def _outgoing(self, call: Call, ready: asyncio.Future[None]) -> None:
+    async def _outgoing(self, call: Call, ready: asyncio.Future[None], token: str | None) -> None:
         call.state = "offering"
         self._on_health("connecting", (f"calling {call.peer}",))
         self._event(call, "info", "call.outgoing", f"calling {call.peer}")
@@ -402,7 +428,12 @@ class CallManager:
                 session = await self._open_session(call)
                 offer_sdp = await session.create_offer()
                 self._send(
-                    "offer", call.peer, call.call_id, sdp=offer_sdp, traceparent=call.traceparent
+                    "offer",
+                    call.peer,
+                    call.call_id,
+                    sdp=offer_sdp,
+                    traceparent=call.traceparent,
+                    token=token,
                 )
                 call.spans.end_phase("signaling.offer")
             finally:

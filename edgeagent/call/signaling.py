@@ -17,7 +17,8 @@ from edgeagent.telemetry.payloads import PROTOCOL_VERSION, Signal, encode
 
 # `\Z`, not `$`: `$` also matches before a trailing newline ("peer-1\n" would pass).
 ENDPOINT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
-CALL_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
+CALL_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}\Z"
+CALL_ID = re.compile(CALL_ID_PATTERN)
 TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\Z")
 MAX_SIGNAL_BYTES = 64 * 1024
 REJECT_REASONS = ("busy", "forbidden", "unavailable", "error")

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from edgeagent.call.signaling import CALL_ID_PATTERN
+
 __all__ = [
     "CALL_ROLE",
     "CATALOG",
@@ -27,6 +29,7 @@ __all__ = [
 
 # `\Z`: msgspec searches with Python's re, where `$` also matches before a final newline.
 DEVICE_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{0,62}\Z"
+MAX_CALL_TOKEN_CHARS: Final = 4096  # a call token is ~300; the whole request is 16 KiB
 
 
 class Status(IntEnum):
@@ -110,6 +113,10 @@ class SetLogLevelArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class DialArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     peer: PeerId | None = None  # None: the configured default peer
+    # The call's id (as signaling allows), and an offer token minted for it (cmd "call",
+    # sub the peer, jti this call_id) for a peer with signed signaling; the token needs it.
+    call_id: Annotated[str, msgspec.Meta(pattern=CALL_ID_PATTERN)] | None = None
+    token: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CALL_TOKEN_CHARS)] | None = None
 
 
 class HangupArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -194,7 +194,7 @@ class Handlers:
         self._overrides.clear()
 
     async def dial(self, args: c.DialArgs) -> dict[str, Any]:
-        return await self._ctx.dial(args.peer)
+        return await self._ctx.dial(args.peer, args.call_id, args.token)
 
     async def hangup(self, args: c.HangupArgs) -> dict[str, Any]:
         return await self._ctx.hangup(args.call_id)

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from joserfc import jws
@@ -31,10 +32,13 @@ __all__ = [
     "KID_PATTERN",
     "KeyConfigError",
     "TrustedKey",
+    "call_claims",
     "command_claims",
     "expand_roles",
     "generate_keypair",
+    "load_keys_file",
     "load_private_key",
+    "load_signing_key",
     "load_trusted_keys",
     "parse_public_key",
     "sign_command",
@@ -202,6 +206,20 @@ def load_trusted_keys(
     return keys
 
 
+def load_keys_file(path: Path) -> dict[str, TrustedKey]:
+    """Trusted keys from a JSON file: a list of entries, or {"keys": [...]}; KeyConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise KeyConfigError([f"cannot read {path}: {exc.strerror or exc}"]) from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise KeyConfigError([f"{path} is not JSON: {exc}"]) from None
+    entries: Any = data.get("keys") if isinstance(data, dict) else data
+    return load_trusted_keys(entries, path=f"{path}:keys")
+
+
 def generate_keypair(kid: str | None = None) -> tuple[str, str, str]:
     """A fresh Ed25519 key: (private JWK as JSON, public key base64url, kid).
 
@@ -231,6 +249,36 @@ def load_private_key(value: str | Mapping[str, Any] | OKPKey) -> OKPKey:
     return key
 
 
+def load_signing_key(path: Path, kid: str | None = None) -> tuple[OKPKey, str]:
+    """(private key, kid) from an Ed25519 private JWK file, as `edgeagent-ctl keygen` writes.
+
+    The kid is `kid` if given, else the file's own. ValueError says what is wrong, never
+    quoting the file (it holds the private key).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ValueError(f"{path} is not JSON (expected an Ed25519 private JWK)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object (expected an Ed25519 private JWK)")
+    try:
+        key = load_private_key(data)
+    except (JoseError, ValueError, TypeError) as exc:
+        reason = exc if isinstance(exc, ValueError) else "not a usable key"
+        raise ValueError(f"{path}: {reason}") from None
+    if kid is None:
+        kid = data.get("kid")
+        if not isinstance(kid, str):
+            raise ValueError(f"{path} has no 'kid'; name it in the file or configure one")
+    if not KID_PATTERN.fullmatch(kid):
+        raise ValueError(f"kid {kid[:64]!r}: expected 1-64 of A-Z a-z 0-9 . _ : -")
+    return key, kid
+
+
 def command_claims(
     device_id: str,
     cmd: str,
@@ -250,6 +298,14 @@ def command_claims(
         "iat": iat,
         "exp": iat + lifetime_s,
     }
+
+
+def call_claims(
+    callee_id: str, call_id: str, *, lifetime_s: int = 60, now: float | None = None
+) -> dict[str, Any]:
+    """The claims of a signed offer's token (protocol section 4): cmd "call", sub the
+    callee, jti the call_id."""
+    return command_claims(callee_id, "call", lifetime_s=lifetime_s, now=now, jti=call_id)
 
 
 def sign_command(

@@ -53,7 +53,7 @@ from edgeagent.control.catalog import (
     get_spec,
 )
 from edgeagent.control.handlers import AfterReply, Handlers
-from edgeagent.control.keys import TrustedKey, load_trusted_keys
+from edgeagent.control.keys import TrustedKey, load_keys_file
 from edgeagent.control.ratelimit import RateLimiter
 from edgeagent.control.redact import Redactor
 from edgeagent.control.replay import ReplayCache
@@ -128,8 +128,11 @@ class CommandContext(Protocol):
 
     def call_active(self) -> bool: ...
 
-    async def dial(self, peer: str | None) -> dict[str, Any]:
-        """Start a call (None: the default peer); CommandError 409 busy, 400 no valid peer."""
+    async def dial(
+        self, peer: str | None, call_id: str | None = None, token: str | None = None
+    ) -> dict[str, Any]:
+        """Start a call (None: the default peer), as `call_id` with offer `token` when given;
+        CommandError 409 busy, 400 no valid peer or a token that is not this call's."""
         ...
 
     async def hangup(self, call_id: str | None) -> dict[str, Any]:
@@ -204,13 +207,6 @@ def describe_catalog(armed: set[str] | frozenset[str] = frozenset()) -> list[dic
         }
         for s in CATALOG.values()
     ]
-
-
-def load_keys_file(path: Path) -> dict[str, TrustedKey]:
-    """Trusted operator keys from a JSON file: a list of entries, or {"keys": [...]}."""
-    data = json.loads(path.read_text(encoding="utf-8"))
-    entries: Any = data.get("keys") if isinstance(data, dict) else data
-    return load_trusted_keys(entries, path=f"{path}:keys")
 
 
 def _shrink_once(value: Any, key: str | None = None) -> tuple[Any, bool]:
@@ -309,6 +305,11 @@ class CommandServer:
         self.local_ready = asyncio.Event()
         self._local_writers: set[asyncio.StreamWriter] = set()
         link.subscribe(topics.cmd_filter, self.on_inbound)
+
+    @property
+    def verifier(self) -> Verifier:
+        """The token checks, with the trusted keys and replay cache (also for signed offers)."""
+        return self._verifier
 
     # --- front ends -----------------------------------------------------------------------
 

@@ -290,6 +290,8 @@ class Verifier:
                 raise fail(Status.GONE, "token not yet valid (iat in the future)")
             if now > claims.exp + self.clock_skew_s:
                 raise fail(Status.GONE, "token expired")
+        elif call:
+            raise fail(Status.FORBIDDEN, "clock not synchronised: signed offers cannot be checked")
         elif spec is None or not spec.read_only:
             raise fail(Status.FORBIDDEN, "clock not synchronised: only read-only commands run")
         if key is not None and not key.allows(cmd):
