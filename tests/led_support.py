@@ -25,7 +25,7 @@ from edgeagent.hw.leds import PATTERNS, Color
 
 # Blink threads wait with Event.wait(on_s / off_s), so a phase is never early; a busy
 # machine makes it late. Late by more than this counts as a different rhythm.
-LATE_S = 0.15
+LATE_S = 0.2
 EARLY_S = 0.02
 
 THREE = ("green", "amber", "red")
@@ -134,7 +134,7 @@ class LedTrace:
         """The state shown now, once its pins fit exactly one documented state (or none).
 
         Bounded polling: the blink threads signal nothing. A blink needs a full on
-        phase to be told from a solid LED of its colour (1.15 s for connecting).
+        phase to be told from a solid LED of its colour (1.2 s for connecting).
         """
         async with asyncio.timeout(timeout):
             while not self._settled or len(self.segments()[-1].states) > 1:
