@@ -216,6 +216,21 @@ def test_rgb_common_anode_inverts(factory: MockFactory) -> None:
         leds.close()
 
 
+@pytest.mark.slow
+async def test_trace_reads_every_documented_state_back_from_the_pins(
+    factory: MockFactory, leds: HealthLeds
+) -> None:
+    # LedTrace (tests/led_support.py) is how the call tests read the agent's LEDs; here
+    # every row of the table, shown in turn, is named from the pins alone, uniquely.
+    trace = LedTrace(factory, pins=(GREEN, AMBER, RED))
+    order = ["offline", "idle", "ringing", "connecting", "good", "degraded", "bad", "fault"]
+    seen = []
+    for state in order:
+        trace.show(leds, state)
+        seen.append(await trace.decoded())
+    assert seen == order
+
+
 @pytest.mark.parametrize("active_high", [True, False])
 async def test_rgb_layout_from_config_shows_idle_good_and_fault_apart(
     tmp_path: Path, factory: MockFactory, active_high: bool
