@@ -61,11 +61,16 @@ def alsa_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> BenchAlsa:
 
 
 @contextlib.asynccontextmanager
-async def running(cfg_path: Path, **seams: Any) -> AsyncIterator[Agent]:
+async def running(
+    cfg_path: Path, *, built: Callable[[Agent], None] | None = None, **seams: Any
+) -> AsyncIterator[Agent]:
+    """The agent running in-process; `built` sees it before it starts (to subscribe)."""
     agent = Agent(
         load_config(cfg_path, environ={}),
         AgentSeams(install_signal_handlers=False, freeze_gc_after_start=False, **seams),
     )
+    if built is not None:
+        built(agent)
     task = asyncio.create_task(agent.run())
     try:
         await asyncio.wait_for(agent.link.connected.wait(), 10)

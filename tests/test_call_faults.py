@@ -6,6 +6,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from agent_support import collector
@@ -20,25 +21,17 @@ from call_support import (
     until,
 )
 from gpiozero.pins.mock import MockFactory
+from led_support import LedTrace, assert_led_states
 from schema_support import assert_valid
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
-class LedLog:
-    """Records the sequence of states the agent's LEDs were asked to show."""
-
-    def __init__(self, agent) -> None:  # type: ignore[no-untyped-def]
-        self.states: list[str] = []
-        leds = agent.leds
-        original = leds.show
-
-        def show(state: str) -> None:
-            if not self.states or self.states[-1] != state:
-                self.states.append(state)
-            original(state)
-
-        leds.show = show  # observe, not replace: the real LEDs still switch
+def traced() -> tuple[dict[str, Any], LedTrace]:
+    """Seams for `running`: MockFactory LED pins, recorded from before the agent starts."""
+    factory = MockFactory()
+    trace = LedTrace(factory)
+    return {"pin_factory": factory, "built": trace.follow}, trace
 
 
 async def test_not_allowed_caller_is_rejected_forbidden(
@@ -49,17 +42,31 @@ async def test_not_allowed_caller_is_rejected_forbidden(
     alsa = alsa_env(tmp_path, monkeypatch)
     cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 5))
     cfg_b = endpoint_config(tmp_path, broker.port, "dev-b", alsa, call='allow = ["operator-1"]')
-    async with collector(broker.port, "edge/v1/#") as c, running(cfg_a) as a, running(cfg_b):
+    seams_a, leds_a = traced()
+    seams_b, leds_b = traced()
+    async with (
+        collector(broker.port, "edge/v1/#") as c,
+        running(cfg_a, **seams_a) as a,
+        running(cfg_b, **seams_b),
+    ):
         await a.calls_mgr.dial("dev-b")
         sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"))
         sb = await c.wait_for(lambda ms: summaries(ms, "dev-b"))
         assert a.calls_mgr.active is None
+        assert await leds_a.decoded() == "idle"
+        assert await leds_b.decoded() == "idle"
+        leds_a.stop()
+        leds_b.stop()
     assert sa[0]["result"] == "rejected" and sa[0]["end_reason"] == "rejected_forbidden"
     assert sb[0]["result"] == "rejected" and sb[0]["end_reason"] == "forbidden"
     refused = [e for e in events(c.messages, "dev-b") if e["category"] == "call.incoming"]
     assert refused[0]["level"] == "warning" and "not allowed" in refused[0]["message"]
     for m in c.messages:
         assert_valid(m.topic, m.payload)
+    # The refused offer never rang (docs/leds.md: ringing is a call waiting for an
+    # answer): the callee's LEDs kept the idle heartbeat; the caller dialled, then idle.
+    assert_led_states(leds_b, ["offline", "idle"])
+    assert_led_states(leds_a, ["offline", "idle", "connecting", "idle"])
 
 
 async def test_busy_and_answer_timeout_and_leds(
@@ -73,14 +80,15 @@ async def test_busy_and_answer_timeout_and_leds(
     cfg_b = endpoint_config(
         tmp_path, broker.port, "dev-b", alsa, answer="ring", call="ring_timeout_s = 1.0"
     )
-    factory = MockFactory()
+    seams_a, leds_a = traced()
+    seams_b, leds_b = traced()
+    seams_c, leds_c = traced()
     async with (
         collector(broker.port, "edge/v1/#") as c,
-        running(cfg_a) as a,
-        running(cfg_b, pin_factory=factory) as b,
-        running(cfg_c) as c_agent,
+        running(cfg_a, **seams_a) as a,
+        running(cfg_b, **seams_b) as b,
+        running(cfg_c, **seams_c) as c_agent,
     ):
-        leds = LedLog(b)
         await a.calls_mgr.dial("dev-b")
         await until(lambda: b.calls_mgr.active and b.calls_mgr.active.state == "ringing")
         # A second caller while B rings: busy.
@@ -93,11 +101,17 @@ async def test_busy_and_answer_timeout_and_leds(
         )
         sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"))
         await until(lambda: b.health.current().state == "idle")
+        await until(lambda: a.health.current().state == "idle")
+        for trace in (leds_a, leds_b, leds_c):
+            assert await trace.decoded() == "idle"
+            trace.stop()
     assert sb[0]["result"] == "missed" and sb[0]["end_reason"] == "ring_timeout"
     assert sa[0]["result"] == "rejected" and sa[0]["end_reason"] == "rejected_unavailable"
-    assert leds.states == ["ringing", "idle"]
-    # The LEDs' pins were really driven: idle is the green heartbeat blip.
-    assert b.leds is not None and b.leds.state == "idle"
+    # The callee rang (fast green blink) and went back to the idle heartbeat; the busy
+    # caller's offer did not touch its LEDs. Both callers showed connecting until refused.
+    assert_led_states(leds_b, ["offline", "idle", "ringing", "idle"])
+    assert_led_states(leds_a, ["offline", "idle", "connecting", "idle"])
+    assert_led_states(leds_c, ["offline", "idle", "connecting", "idle"])
 
 
 async def test_peer_vanishing_mid_call_hangs_up_on_media_timeout(
@@ -115,8 +129,8 @@ async def test_peer_vanishing_mid_call_hangs_up_on_media_timeout(
         call="media_stall_warn_s = 1.0\nmedia_stall_hangup_s = 2.5",
     )
     cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa)
-    async with collector(broker.port, "edge/v1/#") as c, running(cfg_a) as a:
-        leds = LedLog(a)
+    seams, leds = traced()
+    async with collector(broker.port, "edge/v1/#") as c, running(cfg_a, **seams) as a:
         async with echo_peer(cfg_e):
             await a.calls_mgr.dial("echo")
             await until(
@@ -127,15 +141,18 @@ async def test_peer_vanishing_mid_call_hangs_up_on_media_timeout(
                     and a.calls_mgr.active.session.sink.frames_received >= 50
                 )
             )
+            assert await leds.decoded() == "good"  # solid green, past connecting's 1 s blink
         # The echo peer is gone without a hangup (its task was cancelled).
         sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"), timeout=20)
         assert a.calls_mgr.active is None
+        await until(lambda: a.health.current().state == "idle")
+        assert await leds.decoded() == "idle"
+        leds.stop()
     assert sa[0]["result"] == "failed"
     assert sa[0]["end_reason"] in ("media_timeout", "transport_closed")
     cats = [e["category"] for e in events(c.messages, "dev-a")]
     assert "call.established" in cats and "call.closed" in cats
-    assert leds.states[0] == "connecting" and leds.states[-1] == "idle"
-    assert "good" in leds.states
+    assert_led_states(leds, ["offline", "idle", "connecting", "good", "degraded", "idle"])
 
 
 async def test_missing_audio_device_faults_and_recovers(
@@ -149,8 +166,14 @@ async def test_missing_audio_device_faults_and_recovers(
     # The card is "unplugged": its PCM is not defined.
     text = cfg_a.read_text().replace('capture_device = "mic_dev-a"', 'capture_device = "mic_gone"')
     cfg_a.write_text(text)
-    async with collector(broker.port, "edge/v1/#") as c, echo_peer(cfg_e), running(cfg_a) as a:
+    seams, leds = traced()
+    async with (
+        collector(broker.port, "edge/v1/#") as c,
+        echo_peer(cfg_e),
+        running(cfg_a, **seams) as a,
+    ):
         await until(lambda: a.health.current().state == "fault")
+        assert await leds.decoded() == "fault"
         await a.calls_mgr.dial("echo")  # fails on the device, recorded below
         sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"))
         assert sa[0]["result"] == "failed" and sa[0]["end_reason"] == "audio_device"
@@ -167,7 +190,13 @@ async def test_missing_audio_device_faults_and_recovers(
                 else None
             )
         )
+        assert await leds.decoded() == "idle"
+        leds.stop()
     assert "fault" in health and health[-1] == "idle"
+    # Fault (fast red blink) from the start, through the failed call, until the card is
+    # back. The broker link and the first device probe race at start: idle may come first.
+    start = ["offline", "idle"] if len(leds.segments()) == 4 else ["offline"]
+    assert_led_states(leds, [*start, "fault", "idle"])
     cats = [(e["category"], e["level"]) for e in events(c.messages, "dev-a")]
     assert ("audio.device", "error") in cats
     assert any(cat == "audio.device" and lvl == "info" for cat, lvl in cats)
@@ -220,11 +249,16 @@ async def test_speaker_vanishing_mid_call_ends_the_call_faults_and_recovers(
         os.utime(alsa.conf, (later, later))
 
     touch_conf.bumps = 0  # type: ignore[attr-defined]
-    async with collector(broker.port, "edge/v1/#") as c, echo_peer(cfg_e), running(cfg_a) as a:
-        leds = LedLog(a)
+    seams, leds = traced()
+    async with (
+        collector(broker.port, "edge/v1/#") as c,
+        echo_peer(cfg_e),
+        running(cfg_a, **seams) as a,
+    ):
         await a.calls_mgr.dial("echo")
         await until(lambda: a.calls_mgr.active and a.calls_mgr.active.state == "active")
         await until(lambda: speaker.received > 48000 * 2)  # a second of audio reached the card
+        assert await leds.decoded() == "good"
         # Unplugged: while it is gone, its PCM cannot be opened either.
         alsa.add_speaker("spk_dev-a", tmp_path / "no-such-card" / "spk.raw")
         touch_conf()
@@ -233,6 +267,7 @@ async def test_speaker_vanishing_mid_call_ends_the_call_faults_and_recovers(
         assert sa[0]["result"] == "failed" and sa[0]["end_reason"] == "audio_device"
         await until(lambda: a.health.current().state == "fault")
         assert a.calls_mgr.active is None
+        assert await leds.decoded() == "fault"
         # Plugged back in: the agent notices by itself, leaves the fault, and calls again.
         alsa.add_speaker("spk_dev-a", tmp_path / "spk_back.raw")
         touch_conf()
@@ -241,9 +276,13 @@ async def test_speaker_vanishing_mid_call_ends_the_call_faults_and_recovers(
         await until(lambda: a.calls_mgr.active and a.calls_mgr.active.state == "active")
         await a.calls_mgr.hangup()
         sa = await c.wait_for(lambda ms: s if len(s := summaries(ms, "dev-a")) == 2 else None)
+        await until(lambda: a.health.current().state == "idle")
+        assert await leds.decoded() == "idle"
+        leds.stop()
     assert sa[1]["result"] == "completed"
     assert (tmp_path / "spk_back.raw").stat().st_size > 0  # the new card plays
     cats = [(e["category"], e["level"]) for e in events(c.messages, "dev-a")]
     assert ("audio.device", "error") in cats
     assert any(cat == "audio.device" and lvl == "info" for cat, lvl in cats)
-    assert "fault" in leds.states and leds.states[-1] == "idle"
+    good_call = ["connecting", "good"]
+    assert_led_states(leds, ["offline", "idle", *good_call, "fault", "idle", *good_call, "idle"])

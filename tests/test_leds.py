@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 from gpiozero import LED, Device
 from gpiozero.pins.mock import MockFactory, MockPin
+from led_support import LedTrace
 
+from edgeagent.agent import build_leds
+from edgeagent.config import load_config
 from edgeagent.hw.button import CallButton
 from edgeagent.hw.leds import PATTERNS, Color, HealthLeds, RgbLedPins, ThreeLedPins
 
@@ -211,6 +214,56 @@ def test_rgb_common_anode_inverts(factory: MockFactory) -> None:
         assert rgb_levels(factory) == (False, False, True)
     finally:
         leds.close()
+
+
+@pytest.mark.slow
+async def test_trace_reads_every_documented_state_back_from_the_pins(
+    factory: MockFactory, leds: HealthLeds
+) -> None:
+    # LedTrace (tests/led_support.py) is how the call tests read the agent's LEDs; here
+    # every row of the table, shown in turn, is named from the pins alone, uniquely.
+    trace = LedTrace(factory, pins=(GREEN, AMBER, RED))
+    order = ["offline", "idle", "ringing", "connecting", "good", "degraded", "bad", "fault"]
+    seen = []
+    for state in order:
+        trace.show(leds, state)
+        seen.append(await trace.decoded())
+    assert seen == order
+
+
+@pytest.mark.parametrize("active_high", [True, False])
+async def test_rgb_layout_from_config_shows_idle_good_and_fault_apart(
+    tmp_path: Path, factory: MockFactory, active_high: bool
+) -> None:
+    path = tmp_path / "leds.toml"
+    path.write_text(
+        f"""
+[device]
+id = "dev-1"
+[leds]
+layout = "rgb"
+pins = [5, 6, 13]
+active_high = {str(active_high).lower()}
+"""
+    )
+    cfg = load_config(path, environ={})
+    trace = LedTrace(factory, layout="rgb", pins=(5, 6, 13), active_high=active_high)
+    leds = build_leds(cfg, factory)
+    try:
+        seen = []
+        for state in ("idle", "good", "fault"):
+            trace.show(leds, state)
+            seen.append(await trace.decoded())
+    finally:
+        leds.close()
+    # Decoded from the pins alone: idle and good share green (docs/leds.md) and differ
+    # in rhythm (heartbeat blip, solid); fault is the red fast blink.
+    assert seen == ["idle", "good", "fault"]
+    lit = [s.lit_pins for s in trace.segments()]
+    assert lit == [{"green"}, {"green"}, {"red"}]
+    # One RGB LED on the configured pins and no other pin: not the three-LED defaults.
+    assert {info.name for info in factory.pins} == {"GPIO5", "GPIO6", "GPIO13"}
+    assert rgb_levels(factory) == ((False,) * 3 if active_high else (True,) * 3)
 
 
 def test_pin_in_use_degrades_to_noop(

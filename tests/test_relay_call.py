@@ -7,7 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from agent_support import collector
-from alsa_support import BenchAlsa, active, hz_tolerance, level_dbfs, peak_hz, read_raw, tone
+from alsa_support import (
+    SPEECH_MATCH,
+    BenchAlsa,
+    active,
+    heard_speech,
+    hz_tolerance,
+    level_dbfs,
+    peak_hz,
+    read_raw,
+    tone,
+    tone_then_speech,
+)
 from call_support import alsa_env, endpoint_config, running, until
 from turn_support import TURN_PASSWORD, TURN_USER, Coturn, turn  # noqa: F401 (fixture)
 
@@ -56,8 +67,13 @@ async def test_relay_only_call_carries_audio_both_ways_through_coturn(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     alsa = alsa_env(tmp_path, monkeypatch)
-    cfg_a = relay_config(tmp_path, broker.port, "dev-a", alsa, turn, mic=tone(440, 20))
-    cfg_b = relay_config(tmp_path, broker.port, "dev-b", alsa, turn, mic=tone(1000, 20))
+    # Each sends a tone (2 s), then speech-like sound (2.5 s): A speaks first, then B. The
+    # pauses keep either's speech clear of the other's tone and speech even when B's
+    # capture starts late (at the answer, after relay allocation): see SPEECH_MATCH.
+    mic_a, speech_a = tone_then_speech(440, seed=1, pause_s=1.0)
+    mic_b, speech_b = tone_then_speech(1000, seed=2, pause_s=4.0)
+    cfg_a = relay_config(tmp_path, broker.port, "dev-a", alsa, turn, mic=mic_a)
+    cfg_b = relay_config(tmp_path, broker.port, "dev-b", alsa, turn, mic=mic_b)
     relay_ports = range(turn.min_port, turn.max_port + 1)
     async with collector(broker.port, "edge/v1/#") as c, running(cfg_a) as a, running(cfg_b) as b:
         call = await a.calls_mgr.dial("dev-b")
@@ -75,7 +91,7 @@ async def test_relay_only_call_carries_audio_both_ways_through_coturn(
 
         def heard(agent) -> bool:  # type: ignore[no-untyped-def]
             s = agent.calls_mgr.active.session
-            return s.sink is not None and s.sink.frames_received >= 100  # 2 s of audio
+            return s.sink is not None and s.sink.frames_received >= 440  # both turns: 8.8 s
 
         await until(lambda: heard(a) and heard(b))
         await a.calls_mgr.hangup()
@@ -85,13 +101,21 @@ async def test_relay_only_call_carries_audio_both_ways_through_coturn(
     assert sa[0]["call_id"] == sb[0]["call_id"] == call.call_id
     assert sa[0]["result"] == sb[0]["result"] == "completed", (sa, sb)
     assert sa[0]["ice"] == sb[0]["ice"] == {"local_type": "relay", "remote_type": "relay"}
-    for device, freq in (("dev-a", 1000), ("dev-b", 440)):
-        played = active(read_raw(tmp_path / f"spk_{device}.raw"))
-        assert played.size >= 48000, f"{device} heard only {played.size} samples"
-        assert abs(peak_hz(played) - freq) <= hz_tolerance(freq), (
-            f"{device}: peak {peak_hz(played)}"
+    # Each side hears the other's tone, then the other's speech, and not its own.
+    for device, freq, far, own in (
+        ("dev-a", 1000, speech_b, speech_a),
+        ("dev-b", 440, speech_a, speech_b),
+    ):
+        played = read_raw(tmp_path / f"spk_{device}.raw")
+        start, rho, rhos = heard_speech(played, far)
+        assert rho >= SPEECH_MATCH, f"{device}: far end's speech correlates {rhos}"
+        assert heard_speech(played, own)[1] < SPEECH_MATCH / 2
+        heard_tone = active(played[:start])
+        assert heard_tone.size >= 48000, f"{device} heard only {heard_tone.size} samples"
+        assert abs(peak_hz(heard_tone) - freq) <= hz_tolerance(freq), (
+            f"{device}: peak {peak_hz(heard_tone)}"
         )
-        assert abs(level_dbfs(played) - (-12)) <= 3
+        assert abs(level_dbfs(heard_tone) - (-12)) <= 3
 
 
 def closed_events(messages: list, device: str) -> list[dict]:  # type: ignore[type-arg]

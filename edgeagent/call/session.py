@@ -188,6 +188,7 @@ class CallSession:
         self.rx_checks = FrameAnalyzer("playout")
         self.echo = EchoDetector("capture")
         self._rendered: deque[Samples] = deque(maxlen=50)  # playback thread -> loop
+        self._stalled = False  # no inbound audio for media_stall_warn_s (health degraded)
         self.track = MicrophoneTrack(self.capture, processor=self._process_capture)
         self.sink: RemoteAudioSink | None = None
         self.playback: AlsaPlayback | None = None
@@ -480,10 +481,12 @@ class CallSession:
             if silent_for >= cfg.media_stall_warn_s:
                 if stalled_since is None:
                     stalled_since = now
+                    self._stalled = True
                     self._on_media_stalled(silent_for)
                     self._on_health(*health_for(None, True, []))
             elif stalled_since is not None:
                 stalled_since = None
+                self._stalled = False
                 self._report_health()
             if now >= max_end:
                 raise CallEnded("max_duration", f"{cfg.max_duration_s:.0f} s reached")
@@ -581,12 +584,14 @@ class CallSession:
         }
 
     def _report_health(self) -> None:
+        # A stats sample during a stall must not show the call good again (the LEDs
+        # went degraded -> good while nothing arrived).
         last = self.record.samples[-1] if self.record.samples else None
         issues = sorted(
             {*self.tx_checks.active_issues(), *self.raw_checks.active_issues()}
             | ({"echo"} if self.echo.echo_active else set())
         )
-        self._on_health(*health_for(last.mos if last else None, False, issues))
+        self._on_health(*health_for(last.mos if last else None, self._stalled, issues))
 
     def ice_types(self) -> tuple[str | None, str | None]:
         """Types (host/srflx/relay) of the nominated candidate pair, where aioice exposes it."""
