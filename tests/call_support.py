@@ -81,16 +81,19 @@ async def running(
 
 
 @contextlib.asynccontextmanager
-async def echo_peer(cfg_path: Path) -> AsyncIterator[EchoPeer]:
+async def echo_peer(cfg_path: Path, *, clean_stop: bool = True) -> AsyncIterator[EchoPeer]:
+    """A running echo peer; at the end a clean stop (hangups, `offline`), or with
+    `clean_stop=False` it vanishes: its task cancelled, calls left to time out."""
     peer = EchoPeer(load_config(cfg_path, environ={}))
     task = asyncio.create_task(peer.run())
     try:
         await asyncio.wait_for(peer.link.connected.wait(), 10)
         yield peer
     finally:
-        peer.request_stop("test over")  # the clean stop: calls closed, `offline` published
         try:
-            await asyncio.wait_for(task, 10)
+            if clean_stop:
+                peer.request_stop("test over")  # calls hung up, `offline` published
+                await asyncio.wait_for(task, 10)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -131,7 +131,7 @@ async def test_peer_vanishing_mid_call_hangs_up_on_media_timeout(
     cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa)
     seams, leds = traced()
     async with collector(broker.port, "edge/v1/#") as c, running(cfg_a, **seams) as a:
-        async with echo_peer(cfg_e):
+        async with echo_peer(cfg_e, clean_stop=False):
             await a.calls_mgr.dial("echo")
             await until(
                 lambda: (
