@@ -133,9 +133,13 @@ class AecConfig(_Section):
     stream_delay_ms: int = Field(40, ge=0, le=500)
 
 
+# An ALSA PCM name (e.g. "plughw:CARD=Device,DEV=0"): printable, no control characters.
+PcmName = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
 class AudioConfig(_Section):
-    capture_device: str = "default"
-    playback_device: str = "default"
+    capture_device: PcmName = "default"
+    playback_device: PcmName = "default"
     paced: bool = False
     """Pace unclocked PCMs (ALSA file devices on the bench) to real time."""
     playout_target_ms: int = Field(60, ge=20, le=120)
@@ -214,6 +218,16 @@ class SecurityConfig(_Section):
     call_key_file: Path | None = Field(None, validate_default=True)
     """This device's Ed25519 private JWK: it signs a token into each offer it sends, for
     peers that take signed offers only."""
+
+    @field_validator("local_socket")
+    @classmethod
+    def _socket_path_usable(cls, v: Path | None) -> Path | None:
+        # What the agent would otherwise find at start: something else at the path.
+        if v is not None and (v.exists() or v.is_symlink()) and not v.is_socket():
+            raise ValueError(f"{v} exists and is not a socket")
+        if v is not None and v.parent.exists() and not v.parent.is_dir():
+            raise ValueError(f"{v.parent} is not a directory")
+        return v
 
     @field_validator("keys_file")
     @classmethod

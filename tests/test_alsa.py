@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import alsaaudio
 import numpy as np
 import pytest
 from alsa_support import bench_alsa, tone, write_raw
@@ -62,3 +63,11 @@ async def test_capture_drops_oldest_when_the_reader_lags(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+def test_a_device_name_pyalsaaudio_refuses_is_an_audio_device_error() -> None:
+    """Not a ValueError escaping the device watch: the agent faults and retries as usual."""
+    from edgeagent.hw.alsa import AudioDeviceError, _open_pcm
+
+    with pytest.raises(AudioDeviceError, match="cannot open"):
+        _open_pcm("hw:1\x00x", alsaaudio.PCM_CAPTURE, 48000, 1, 960, 4, probe_only=True)

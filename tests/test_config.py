@@ -221,3 +221,27 @@ def test_keys_file_is_read_at_check_config(tmp_path: Path) -> None:
     ):
         (line,) = errors(path)
         assert line.startswith("security.keys_file: ") and why in line, line
+
+
+def test_device_names_and_socket_paths_the_agent_could_not_use_are_config_errors(
+    tmp_path: Path,
+) -> None:
+    plain = tmp_path / "not-a-socket"
+    plain.write_text("")
+
+    def errors(**sections: dict[str, object]) -> list[str]:
+        with pytest.raises(ConfigError) as info:
+            parse_config({"device": {"id": "d"}, **sections}, environ={})
+        return info.value.errors
+
+    (line,) = errors(audio={"capture_device": "hw:1\x00x"})
+    assert line.startswith("audio.capture_device:")
+    (line,) = errors(audio={"playback_device": ""})
+    assert line.startswith("audio.playback_device:")
+    (line,) = errors(security={"local_socket": str(plain)})
+    assert line.startswith("security.local_socket:") and "is not a socket" in line
+    ok = parse_config(
+        {"device": {"id": "d"}, "security": {"local_socket": str(tmp_path / "run/ctl.sock")}},
+        environ={},
+    )
+    assert ok.security.local_socket == tmp_path / "run/ctl.sock"

@@ -579,11 +579,15 @@ class CommandServer:
     # --- local socket ---------------------------------------------------------------------
 
     async def _serve_local(self, path: Path) -> None:
-        _prepare_socket_dir(path)
-        server = await asyncio.start_unix_server(
-            self._on_local, path=str(path), limit=MAX_LOCAL_LINE
-        )
-        os.chmod(path, 0o600)
+        try:
+            _prepare_socket_dir(path)
+            server = await asyncio.start_unix_server(
+                self._on_local, path=str(path), limit=MAX_LOCAL_LINE
+            )
+            os.chmod(path, 0o600)
+        except OSError as exc:  # a path check-config passed, changed since: no socket, no crash
+            logger.error("commands: local socket %s unavailable (%s); MQTT only", path, exc)
+            return
         logger.info("commands: local socket %s", path)
         self.local_ready.set()
         try:

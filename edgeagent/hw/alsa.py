@@ -115,7 +115,8 @@ def _open_pcm(
             return probe
         probe.close()
         return open_(alsaaudio.PCM_NORMAL)
-    except alsaaudio.ALSAAudioError as exc:
+    except (alsaaudio.ALSAAudioError, ValueError, TypeError, OSError) as exc:
+        # ValueError/TypeError: a name or setting pyalsaaudio refuses before ALSA sees it.
         raise AudioDeviceError(device, f"cannot open: {exc}") from exc
 
 
