@@ -311,3 +311,31 @@ def test_aiortc_receivers_never_read_the_rtp_audio_level() -> None:
     """Why `send_audio_level(pc, False)` is safe towards another agent (an aiortc far end)."""
     for module in (aiortc.rtcrtpreceiver, aiortc.rtcdtlstransport, aiortc.rtcpeerconnection):
         assert "audio_level" not in inspect.getsource(module), DRIFT
+
+
+async def test_opus_is_sent_even_when_the_far_end_lists_it_after_g711() -> None:
+    """aiortc keeps the offer's codec order and sends the first; `prefer_opus` reorders the
+    negotiated codecs (`RTCRtpTransceiver._codecs`) so a gateway listing PCMU first gets Opus."""
+    from edgeagent.call.opus import prefer_opus
+
+    caller, callee = RTCPeerConnection(), RTCPeerConnection()
+    try:
+        caller.addTransceiver("audio")
+        offer = await caller.createOffer()
+        m_line = next(x for x in offer.sdp.splitlines() if x.startswith("m=audio"))
+        head, pts = m_line.split()[:3], m_line.split()[3:]
+        pcmu_first = " ".join([*head, "0", *(pt for pt in pts if pt != "0")])
+        lines = offer.sdp.replace(m_line, pcmu_first).splitlines()
+        pcmu = next(x for x in lines if x.startswith("a=rtpmap:0 "))
+        lines.remove(pcmu)
+        lines.insert(next(i for i, x in enumerate(lines) if x.startswith("a=rtpmap:")), pcmu)
+        offer.sdp = "\r\n".join(lines) + "\r\n"  # as a G.711-first gateway lists them
+        await callee.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
+        assert callee.getTransceivers()[0]._codecs[0].mimeType == "audio/PCMU"
+        assert prefer_opus(callee) == "opus"
+        answer = await callee.createAnswer()
+        first_pt = answer.sdp.split("m=audio")[1].split()[2]
+        assert f"a=rtpmap:{first_pt} opus/48000" in answer.sdp
+    finally:
+        await caller.close()
+        await callee.close()

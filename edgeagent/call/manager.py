@@ -500,7 +500,9 @@ class CallManager:
         call.state = "active"
         # Begun in this order so in-call events land on call.active (the newest phase).
         call.spans.begin_phase("media.first_packet")
-        call.spans.begin_phase("call.active", {"call.codec": "opus"})
+        call.spans.begin_phase(
+            "call.active", {"call.codec": call.session.codec if call.session else "opus"}
+        )
         self._on_health("good", ())
         local, remote = session.ice_types()
         call.extra["ice"] = (local, remote)
@@ -642,7 +644,7 @@ class CallManager:
             end_reason=call.end_reason or "unknown",
             setup_ms=call.setup_ms,
             duration_s=round(duration, 2),
-            codec="opus" if session else None,
+            codec=session.codec if session else None,
             mos_avg=round(fmean(moses), 2) if moses else None,
             mos_min=round(min(moses), 2) if moses else None,
             loss_pct=round(fmean(loss), 2) if loss else None,
@@ -686,7 +688,7 @@ class CallManager:
                 loss_pct=_r(w.loss_pct, 2),
                 jitter_ms=_r(w.jitter_ms, 1),
                 rtt_ms=_r(w.rtt_ms, 1),
-                codec="opus",
+                codec=call.session.codec if call.session else "opus",
                 bitrate_kbps=_r(w.tx_bitrate_kbps, 1),
                 playout_delay_ms=round(s.playout_delay_ms, 1),
                 audio=p.AudioQuality(**s.audio),

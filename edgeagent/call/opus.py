@@ -571,6 +571,24 @@ def install_inline_encode(sender: RTCRtpSender) -> InlineEncode:
     return inline
 
 
+def prefer_opus(pc: RTCPeerConnection) -> str | None:
+    """Put Opus first among each audio transceiver's negotiated codecs, so it is what we
+    send whatever order the far end listed (aiortc keeps the offer's order and sends the
+    first). Call after `setRemoteDescription`; returns the codec sent ("opus", "pcmu", ...).
+    """
+    sent = None
+    for transceiver in pc.getTransceivers():
+        if transceiver.kind != "audio":
+            continue
+        codecs = list(getattr(transceiver, "_codecs", []))
+        opus = [c for c in codecs if c.mimeType.lower() == "audio/opus"]
+        if opus:
+            transceiver._codecs = opus + [c for c in codecs if c not in opus]
+        if codecs and sent is None:
+            sent = transceiver._codecs[0].mimeType.split("/")[-1].lower()
+    return sent
+
+
 def install_opus_encoder(pc: RTCPeerConnection, settings: OpusSettings) -> int:
     """Give every audio sender of `pc` that negotiated Opus our encoder (`new_opus_encoder`),
     encoding inline.

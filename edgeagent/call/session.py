@@ -44,6 +44,7 @@ from edgeagent.call.opus import (
     mark_sdp,
     munge_sdp,
     opus_encoders,
+    prefer_opus,
     send_audio_level,
 )
 from edgeagent.call.tracks import (
@@ -173,6 +174,7 @@ class CallSession:
         self.fec_to_far_end = False
         self.fec_from_far_end = False  # the far end sends FEC under loss (it decodes FEC)
         self.encoder_name = "pyav"  # or libopus's version string (`_after_remote`)
+        self.codec = "opus"  # what we send, from the negotiated codecs (`_after_remote`)
         audio = cfg.audio
         self.capture = AlsaCapture(audio.capture_device, clock=clock, paced=audio.paced)
         self.playout = PlayoutBuffer(
@@ -410,6 +412,7 @@ class CallSession:
         # Who decodes what we send: a browser, SIP phone or agent with libopus (PLC,
         # and FEC when it asked for it) or a stock aiortc peer (no FEC).
         self.far_end_ours = far_end_is_aiortc(remote_sdp)
+        self.codec = prefer_opus(self.pc) or "none"
         # The sink downmixes to mono anyway: decode Opus to mono (docs/profile.md),
         # with PLC; FEC from a far end that may send it (one that decodes FEC itself).
         self._receive_buffers = install_receive_path(
