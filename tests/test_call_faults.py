@@ -11,6 +11,7 @@ import pytest
 from agent_support import collector
 from alsa_support import tone
 from call_support import (
+    LedLog,
     alsa_env,
     echo_peer,
     endpoint_config,
@@ -23,22 +24,6 @@ from gpiozero.pins.mock import MockFactory
 from schema_support import assert_valid
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
-
-
-class LedLog:
-    """Records the sequence of states the agent's LEDs were asked to show."""
-
-    def __init__(self, agent) -> None:  # type: ignore[no-untyped-def]
-        self.states: list[str] = []
-        leds = agent.leds
-        original = leds.show
-
-        def show(state: str) -> None:
-            if not self.states or self.states[-1] != state:
-                self.states.append(state)
-            original(state)
-
-        leds.show = show  # observe, not replace: the real LEDs still switch
 
 
 async def test_not_allowed_caller_is_rejected_forbidden(

@@ -1,0 +1,87 @@
+"""Call flows of protocol section 4 end to end: answer policies, glare, timeouts, stalls.
+
+Real mosquitto, real agents (and a user-space relay where the path must fail);
+each flow is asserted as its events, health, summaries (one per call_id on each
+side) and what the agent does next.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_support import collector
+from alsa_support import tone
+from call_support import (
+    alsa_env,
+    call_events,
+    endpoint_config,
+    health_states,
+    one_summary_per_call,
+    running,
+    summaries,
+    until,
+)
+from schema_support import assert_valid
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def _cats(evs: list[dict[str, Any]]) -> list[str]:
+    return [e["category"] for e in evs]
+
+
+def _closed(evs: list[dict[str, Any]]) -> dict[str, Any]:
+    (closed,) = [e for e in evs if e["category"] == "call.closed"]
+    return closed
+
+
+def _hearing(agent: Any, frames: int) -> bool:
+    call = agent.calls_mgr.active
+    sink = call.session.sink if call is not None and call.session is not None else None
+    return sink is not None and sink.frames_received >= frames
+
+
+async def test_reject_policy_refuses_unavailable_and_the_agent_stays_up(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 10))
+    cfg_b = endpoint_config(
+        tmp_path, broker.port, "dev-b", alsa, mic=tone(900, 10), answer="reject"
+    )
+    async with collector(broker.port, "edge/v1/#") as c, running(cfg_a) as a, running(cfg_b) as b:
+        refused = await a.calls_mgr.dial("dev-b")
+        await c.wait_for(lambda ms: summaries(ms, "dev-a") and summaries(ms, "dev-b"))
+        assert a.calls_mgr.active is None and b.calls_mgr.active is None
+        # Still up: the rejecting device places a call of its own, which completes.
+        back = await b.calls_mgr.dial("dev-a")
+        await until(lambda: _hearing(b, 25))
+        await b.calls_mgr.hangup()
+        await c.wait_for(lambda ms: len(summaries(ms, "dev-b")) == 2)
+        await c.wait_for(lambda ms: len(summaries(ms, "dev-a")) == 2)
+    sa, sb = one_summary_per_call(c.messages, "dev-a"), one_summary_per_call(c.messages, "dev-b")
+    caller, callee = sa[refused.call_id], sb[refused.call_id]
+    assert (caller["result"], caller["end_reason"]) == ("rejected", "rejected_unavailable")
+    assert (callee["result"], callee["end_reason"]) == ("rejected", "policy_reject")
+    assert caller["setup_ms"] is None and callee["setup_ms"] is None
+    assert callee["codec"] is None  # refused before any media was set up
+    # The wire: one reject, reason `unavailable`, and no hangup for a call never answered.
+    to_a = [m.json() for m in c.messages if m.topic == "edge/v1/dev-a/signal"]
+    replies = [(s["type"], s.get("reason")) for s in to_a if s["call_id"] == refused.call_id]
+    assert replies == [("reject", "unavailable")]
+    ev_a = call_events(c.messages, "dev-a", refused.call_id)
+    ev_b = call_events(c.messages, "dev-b", refused.call_id)
+    assert _cats(ev_a) == ["call.outgoing", "call.rejected", "call.closed"]
+    assert "unavailable" in ev_a[1]["message"]
+    assert _cats(ev_b) == ["call.incoming", "call.closed"]
+    assert _closed(ev_b)["data"]["end_reason"] == "policy_reject"
+    assert sb[back.call_id]["result"] == sa[back.call_id]["result"] == "completed"
+    # A refusal by policy is not a failure.
+    assert b.calls.failed == 0 and b.failures.counts() == (1, 0)
+    assert health_states(c.messages, "dev-b")[-1] == "idle"
+    for m in c.messages:
+        assert_valid(m.topic, m.payload)
