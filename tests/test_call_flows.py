@@ -7,6 +7,7 @@ side) and what the agent does next.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -83,5 +84,77 @@ async def test_reject_policy_refuses_unavailable_and_the_agent_stays_up(
     # A refusal by policy is not a failure.
     assert b.calls.failed == 0 and b.failures.counts() == (1, 0)
     assert health_states(c.messages, "dev-b")[-1] == "idle"
+    for m in c.messages:
+        assert_valid(m.topic, m.payload)
+
+
+async def test_glare_keeps_the_lower_call_id_on_both_ends_and_is_not_a_failure(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 20))
+    cfg_b = endpoint_config(tmp_path, broker.port, "dev-b", alsa, mic=tone(1000, 20))
+    async with collector(broker.port, "edge/v1/#") as c, running(cfg_a) as a, running(cfg_b) as b:
+        # Both dial at once: each offer is on its way before the other arrives.
+        call_a, call_b = await asyncio.gather(a.calls_mgr.dial("dev-b"), b.calls_mgr.dial("dev-a"))
+        winner = min(call_a.call_id, call_b.call_id)
+        loser, yielder = (call_b.call_id, b) if winner == call_a.call_id else (call_a.call_id, a)
+        await until(lambda: _hearing(a, 50) and _hearing(b, 50))
+        assert a.calls_mgr.active is not None and b.calls_mgr.active is not None
+        assert a.calls_mgr.active.call_id == b.calls_mgr.active.call_id == winner
+        await a.calls_mgr.hangup()
+        await c.wait_for(lambda ms: winner in one_summary_per_call(ms, "dev-b"))
+        await c.wait_for(lambda ms: winner in one_summary_per_call(ms, "dev-a"))
+    yielder_id = "dev-a" if yielder is a else "dev-b"
+    keeper_id = "dev-b" if yielder is a else "dev-a"
+    by_device = {d: one_summary_per_call(c.messages, d) for d in ("dev-a", "dev-b")}
+    for d in ("dev-a", "dev-b"):
+        assert by_device[d][winner]["result"] == "completed", by_device[d][winner]
+    # The yielded call: not a failure on the side that yielded, nor where it arrived.
+    mine = by_device[yielder_id][loser]
+    assert (mine["result"], mine["end_reason"]) == ("rejected", "glare")
+    assert mine["direction"] == "outgoing"
+    loser_offered = any(
+        m.topic == f"edge/v1/{keeper_id}/signal"
+        and m.json()["call_id"] == loser
+        and m.json()["type"] == "offer"
+        for m in c.messages
+    )
+    if loser_offered:  # it may have yielded before its offer went out
+        theirs = by_device[keeper_id][loser]
+        assert (theirs["result"], theirs["end_reason"]) == ("rejected", "glare")
+        assert theirs["direction"] == "incoming"
+        kept = [
+            e["data"]
+            for e in call_events(c.messages, keeper_id, loser)
+            if e["category"] == "call.signaling"
+        ]
+        assert kept == [{"kept": winner, "yielded": loser, "ours_kept": True}]
+        # Its reject follows the winning offer, so the yielder never reads it as `busy`.
+        to_yielder = [
+            (s["type"], s["call_id"])
+            for m in c.messages
+            if m.topic == f"edge/v1/{yielder_id}/signal" and (s := m.json())
+        ]
+        assert to_yielder.index(("offer", winner)) < to_yielder.index(("reject", loser))
+    else:
+        assert loser not in by_device[keeper_id]
+    assert set(by_device[yielder_id]) == {winner, loser}
+    assert set(by_device[keeper_id]) <= {winner, loser}
+    # The winning call was answered by the side that yielded, after its yield.
+    yielder_cats = _cats(call_events(c.messages, yielder_id, winner))
+    assert yielder_cats[:3] == ["call.incoming", "call.answered", "call.established"]
+    given = [
+        e["data"]
+        for e in call_events(c.messages, yielder_id, loser)
+        if e["category"] == "call.signaling"
+    ]
+    assert given == [{"kept": winner, "yielded": loser, "ours_kept": False}]
+    # Neither side counts the glare against the failure-rate alert.
+    for agent in (a, b):
+        assert agent.calls.failed == 0
+        assert agent.failures.counts() == (1, 0)
     for m in c.messages:
         assert_valid(m.topic, m.payload)

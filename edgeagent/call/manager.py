@@ -57,6 +57,7 @@ class Call:
     session: CallSession | None = None
     task: asyncio.Task[None] | None = None
     answered: asyncio.Future[p.Signal] | None = None  # outgoing: the answer or reject
+    offer_sent: asyncio.Event = field(default_factory=asyncio.Event)  # outgoing; set at the end too
     accept: asyncio.Future[bool] | None = None  # incoming while ringing
     end_reason: str | None = None
     result: str | None = None
@@ -239,15 +240,8 @@ class CallManager:
                 active.direction == "outgoing"
                 and active.state == "offering"
                 and active.peer == msg.from_
-                and sig.glare_winner(active.call_id, msg.call_id) == msg.call_id
             ):
-                self.publisher.event(
-                    "info",
-                    "call.signaling",
-                    f"glare with {msg.from_}: taking their offer",
-                    call_id=active.call_id,
-                )
-                self._spawn(self._yield_to(active, msg))
+                self._glare(active, msg)
                 return
             self._refuse(msg, "busy", f"busy with call {active.call_id}")
             return
@@ -259,8 +253,36 @@ class CallManager:
         call.task = self._spawn(self._incoming(call, msg))
         _forget_task_when_done(call)
 
+    def _glare(self, ours: Call, theirs: p.Signal) -> None:
+        """We and the peer offered to each other at once: the lower call_id goes on.
+
+        Neither end failed: the call that gives way ends `rejected` with reason
+        `glare` on both ends, so it does not count against the failure-rate alert.
+        """
+        keep = sig.glare_winner(ours.call_id, theirs.call_id) == ours.call_id
+        kept, given_up = (ours.call_id, theirs.call_id) if keep else (theirs.call_id, ours.call_id)
+        self.publisher.event(
+            "info",
+            "call.signaling",
+            f"glare with {theirs.from_}: {kept} goes on, {given_up} gives way",
+            data={"kept": kept, "yielded": given_up, "ours_kept": keep},
+            call_id=given_up,
+        )
+        if keep:
+            self._spawn(self._refuse_glare(ours, theirs))
+        else:
+            self._spawn(self._yield_to(ours, theirs))
+
+    async def _refuse_glare(self, ours: Call, theirs: p.Signal) -> None:
+        # The reject goes out after our offer (one publisher, one topic: in order), so
+        # the peer yields to our offer first and then ignores the reject of a call it
+        # already ended, instead of reading it as `busy`.
+        await ours.offer_sent.wait()
+        self._refuse(theirs, "busy", f"glare: our call {ours.call_id} goes on", end_reason="glare")
+
     async def _yield_to(self, ours: Call, theirs: p.Signal) -> None:
-        await self._finish(ours, "glare", send_hangup=True)
+        # No hangup: the peer applies the same rule and refuses our offer by itself.
+        await self._finish(ours, "glare", result="rejected")
         if self.active is None:
             self._start_incoming(theirs)
 
@@ -290,7 +312,11 @@ class CallManager:
             return
         self._spawn(self._finish(call, "remote_hangup", detail=msg.reason))
 
-    def _refuse(self, msg: p.Signal, reason: str, why: str) -> None:
+    def _refuse(
+        self, msg: p.Signal, reason: str, why: str, *, end_reason: str | None = None
+    ) -> None:
+        """Reject an offer with `reason` and record it (summary end_reason: `end_reason`
+        if given, else the reason)."""
         self._send("reject", msg.from_, msg.call_id, reason=reason)
         # A refused call still gets its record (and its trace), so failure rates see it.
         call = Call(
@@ -311,9 +337,9 @@ class CallManager:
             call_id=msg.call_id,
             trace_id=call.trace_id,
         )
-        call.result, call.end_reason = "rejected", reason
+        call.result, call.end_reason = "rejected", end_reason or reason
         self._summary(call)
-        call.spans.end_call("rejected", end_reason=reason)
+        call.spans.end_call("rejected", end_reason=call.end_reason)
 
     # --- call flows -----------------------------------------------------------------------
 
@@ -378,6 +404,7 @@ class CallManager:
                 self._send(
                     "offer", call.peer, call.call_id, sdp=offer_sdp, traceparent=call.traceparent
                 )
+                call.offer_sent.set()
                 call.spans.end_phase("signaling.offer")
             finally:
                 if not ready.done():
@@ -489,6 +516,7 @@ class CallManager:
             return
         prior = call.state
         call.state = "ended"
+        call.offer_sent.set()  # a glare refusal waiting on it goes out now
         call.end_reason = reason
         if result is None:
             result = (
