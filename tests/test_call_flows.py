@@ -15,6 +15,7 @@ import pytest
 from agent_support import collector
 from alsa_support import tone
 from call_support import (
+    LedLog,
     alsa_env,
     call_events,
     endpoint_config,
@@ -24,6 +25,7 @@ from call_support import (
     summaries,
     until,
 )
+from lossy_relay import Direction, lossy_link
 from schema_support import assert_valid
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -156,5 +158,50 @@ async def test_glare_keeps_the_lower_call_id_on_both_ends_and_is_not_a_failure(
     for agent in (a, b):
         assert agent.calls.failed == 0
         assert agent.failures.counts() == (1, 0)
+    for m in c.messages:
+        assert_valid(m.topic, m.payload)
+
+
+async def test_candidates_that_lead_nowhere_end_in_connect_timeout(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(
+        tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 10), call="connect_timeout_s = 2.0"
+    )
+    cfg_b = endpoint_config(tmp_path, broker.port, "dev-b", alsa, mic=tone(900, 10))
+    black_hole = {"a_to_b": Direction(drop_all=True), "b_to_a": Direction(drop_all=True)}
+    async with (
+        collector(broker.port, "edge/v1/#") as c,
+        running(cfg_a) as a,
+        running(cfg_b) as b,
+        lossy_link(broker.port, a="dev-a", b="dev-b", **black_hole) as (relay, proxy),
+    ):
+        leds = LedLog(a)
+        call = await a.calls_mgr.dial(proxy.alias_b)
+        sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"), timeout=10)
+        sb = await c.wait_for(lambda ms: summaries(ms, "dev-b"))
+        await until(lambda: a.health.current().state == "idle")
+        assert a.calls_mgr.active is None and b.calls_mgr.active is None
+    assert proxy.forwarded.get("answer") == 1  # B answered; only the path was dead
+    assert relay.a_to_b.dropped > 0 and relay.b_to_a.dropped > 0  # ICE checks went in
+    (mine,) = sa
+    assert (mine["result"], mine["end_reason"]) == ("failed", "connect_timeout")
+    assert mine["call_id"] == call.call_id and mine["setup_ms"] is None
+    assert mine["duration_s"] == 0.0
+    # B learnt it from A's hangup (its own timeout is the default 15 s).
+    assert (sb[0]["result"], sb[0]["end_reason"]) == ("failed", "remote_hangup")
+    ev = call_events(c.messages, "dev-a", call.call_id)
+    assert _cats(ev) == ["call.outgoing", "call.closed"]
+    closed = _closed(ev)
+    assert closed["level"] == "warning"
+    assert closed["data"]["end_reason"] == "connect_timeout"
+    # The timeout counts from the answer: 2 s, well before aioice gives up (~30 s).
+    assert 2.0 <= closed["ts"] - ev[0]["ts"] < 6.0
+    assert leds.states == ["connecting", "idle"]
+    assert health_states(c.messages, "dev-a")[-2:] == ["connecting", "idle"]
+    assert a.calls.failed == 1
     for m in c.messages:
         assert_valid(m.topic, m.payload)
