@@ -205,3 +205,57 @@ async def test_candidates_that_lead_nowhere_end_in_connect_timeout(
     assert a.calls.failed == 1
     for m in c.messages:
         assert_valid(m.topic, m.payload)
+
+
+async def test_inbound_media_dropped_mid_call_stalls_degrades_then_times_out(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """At the default 3 s stall warning and 10 s media timeout: RTP is swallowed while
+    STUN consent, RTCP and DTLS still pass, so no transport close can end it first."""
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 40))
+    cfg_b = endpoint_config(tmp_path, broker.port, "dev-b", alsa, mic=tone(900, 40))
+    clean = {"a_to_b": Direction(), "b_to_a": Direction()}
+    async with (
+        collector(broker.port, "edge/v1/#") as c,
+        running(cfg_a) as a,
+        running(cfg_b) as b,
+        lossy_link(broker.port, a="dev-a", b="dev-b", **clean) as (relay, proxy),
+    ):
+        leds = LedLog(a)
+        call = await a.calls_mgr.dial(proxy.alias_b)
+        await until(lambda: _hearing(a, 50))
+        relay.b_to_a.loss = 1.0  # everything B sends A from now on, RTP only
+        sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"), timeout=20)
+        sb = await c.wait_for(lambda ms: summaries(ms, "dev-b"))
+        await until(lambda: a.health.current().state == "idle")
+        assert a.calls_mgr.active is None and b.calls_mgr.active is None
+    assert relay.b_to_a.rtp_dropped > 400  # > 8 s of 20 ms packets
+    (mine,) = sa
+    assert (mine["result"], mine["end_reason"]) == ("failed", "media_timeout")
+    assert mine["call_id"] == call.call_id
+    # B still heard A until A hung up, and was told why.
+    assert sb[0]["end_reason"] == "remote_hangup"
+    ev = call_events(c.messages, "dev-a", call.call_id)
+    order = ["call.established", "call.media_started", "call.media_stalled", "call.closed"]
+    assert [e for e in _cats(ev) if e in order] == order
+    (stalled,) = [e for e in ev if e["category"] == "call.media_stalled"]
+    assert stalled["level"] == "warning" and 3.0 <= stalled["data"]["silent_s"] < 4.0
+    closed = _closed(ev)
+    assert closed["data"]["end_reason"] == "media_timeout"
+    # Warned at 3 s of silence, hung up at 10 s: 7 s apart (the watch ticks every 0.5 s).
+    assert 6.0 <= closed["ts"] - stalled["ts"] <= 8.5
+    # Degraded from the stall until the call ended: the stats windows in between
+    # (every second here) must not report the silent call as good again.
+    assert health_states(c.messages, "dev-a")[-4:] == ["connecting", "good", "degraded", "idle"]
+    assert leds.states == ["connecting", "good", "degraded", "idle"]
+    # ... and for the stall: every health update from it to the hangup says so.
+    health = [m.json() for m in c.messages if m.topic == "edge/v1/dev-a/health"]
+    during = [h for h in health if stalled["ts"] <= h["ts"] < closed["ts"]]
+    assert during, health
+    for h in during:
+        assert h["state"] == "degraded" and "no inbound media" in h["reasons"], during
+    for m in c.messages:
+        assert_valid(m.topic, m.payload)

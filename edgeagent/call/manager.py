@@ -448,8 +448,8 @@ class CallManager:
             on_media_stalled=lambda s: self._event(
                 call,
                 "warning",
-                "call.media",
-                f"media_stalled: no inbound audio for {s:.1f} s",
+                "call.media_stalled",
+                f"media stalled: no inbound audio for {s:.1f} s",
                 data={"silent_s": round(s, 1)},
             ),
             spans=call.spans,
