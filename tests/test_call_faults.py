@@ -13,9 +13,11 @@ from alsa_support import tone
 from call_support import (
     LedLog,
     alsa_env,
+    call_events,
     echo_peer,
     endpoint_config,
     events,
+    one_summary_per_call,
     running,
     summaries,
     until,
@@ -35,10 +37,12 @@ async def test_not_allowed_caller_is_rejected_forbidden(
     cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 5))
     cfg_b = endpoint_config(tmp_path, broker.port, "dev-b", alsa, call='allow = ["operator-1"]')
     async with collector(broker.port, "edge/v1/#") as c, running(cfg_a) as a, running(cfg_b):
-        await a.calls_mgr.dial("dev-b")
+        call = await a.calls_mgr.dial("dev-b")
         sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"))
         sb = await c.wait_for(lambda ms: summaries(ms, "dev-b"))
         assert a.calls_mgr.active is None
+    assert list(one_summary_per_call(c.messages, "dev-a")) == [call.call_id]
+    assert list(one_summary_per_call(c.messages, "dev-b")) == [call.call_id]
     assert sa[0]["result"] == "rejected" and sa[0]["end_reason"] == "rejected_forbidden"
     assert sb[0]["result"] == "rejected" and sb[0]["end_reason"] == "forbidden"
     refused = [e for e in events(c.messages, "dev-b") if e["category"] == "call.incoming"]
@@ -66,10 +70,10 @@ async def test_busy_and_answer_timeout_and_leds(
         running(cfg_c) as c_agent,
     ):
         leds = LedLog(b)
-        await a.calls_mgr.dial("dev-b")
+        ringing = await a.calls_mgr.dial("dev-b")
         await until(lambda: b.calls_mgr.active and b.calls_mgr.active.state == "ringing")
         # A second caller while B rings: busy.
-        await c_agent.calls_mgr.dial("dev-b")
+        busy = await c_agent.calls_mgr.dial("dev-b")
         sc = await c.wait_for(lambda ms: summaries(ms, "dev-c"))
         assert sc[0]["end_reason"] == "rejected_busy"
         # Nobody answers: B's ring times out, A is told it was not answered.
@@ -81,6 +85,21 @@ async def test_busy_and_answer_timeout_and_leds(
     assert sb[0]["result"] == "missed" and sb[0]["end_reason"] == "ring_timeout"
     assert sa[0]["result"] == "rejected" and sa[0]["end_reason"] == "rejected_unavailable"
     assert leds.states == ["ringing", "idle"]
+    # One summary per call on each side: B has the missed call and the busy one.
+    by_b = one_summary_per_call(c.messages, "dev-b")
+    assert set(by_b) == {ringing.call_id, busy.call_id}
+    assert (by_b[busy.call_id]["result"], by_b[busy.call_id]["end_reason"]) == ("rejected", "busy")
+    assert list(one_summary_per_call(c.messages, "dev-a")) == [ringing.call_id]
+    assert list(one_summary_per_call(c.messages, "dev-c")) == [busy.call_id]
+    # B's events for the ringing call: incoming, ringing, then closed as missed once the
+    # 1 s ring timeout ran out; the busy caller's offer is one refused `call.incoming`.
+    rang = call_events(c.messages, "dev-b", ringing.call_id)
+    assert [e["category"] for e in rang] == ["call.incoming", "call.ringing", "call.closed"]
+    assert rang[2]["data"]["result"] == "missed"
+    assert rang[2]["data"]["end_reason"] == "ring_timeout"
+    assert 1.0 <= rang[2]["ts"] - rang[1]["ts"] < 3.0
+    refused = call_events(c.messages, "dev-b", busy.call_id)
+    assert [(e["category"], e["data"]["reason"]) for e in refused] == [("call.incoming", "busy")]
     # The LEDs' pins were really driven: idle is the green heartbeat blip.
     assert b.leds is not None and b.leds.state == "idle"
 
@@ -227,6 +246,7 @@ async def test_speaker_vanishing_mid_call_ends_the_call_faults_and_recovers(
         await a.calls_mgr.hangup()
         sa = await c.wait_for(lambda ms: s if len(s := summaries(ms, "dev-a")) == 2 else None)
     assert sa[1]["result"] == "completed"
+    assert len(one_summary_per_call(c.messages, "dev-a")) == 2  # two calls, one summary each
     assert (tmp_path / "spk_back.raw").stat().st_size > 0  # the new card plays
     cats = [(e["category"], e["level"]) for e in events(c.messages, "dev-a")]
     assert ("audio.device", "error") in cats
