@@ -8,6 +8,7 @@ side) and what the agent does next.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +260,49 @@ async def test_inbound_media_dropped_mid_call_stalls_degrades_then_times_out(
         assert h["state"] == "degraded" and "no inbound media" in h["reasons"], during
     for m in c.messages:
         assert_valid(m.topic, m.payload)
+
+
+def _offer(call_id: str, sender: str, to: str) -> bytes:
+    """An offer as a far end sends it; never answered here, so its SDP is only a shell."""
+    sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+    msg = {"v": 1, "type": "offer", "call_id": call_id, "from": sender, "to": to, "ts": 1.0}
+    return json.dumps(dict(msg, sdp=sdp)).encode()
+
+
+async def test_a_redelivered_offer_is_not_a_second_call(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """QoS 1 may deliver an offer twice (a sender's resend after a reconnect): the
+    duplicate of a refused or ended call gets no second reject, record or summary."""
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_b = endpoint_config(
+        tmp_path, broker.port, "dev-b", alsa, answer="reject", call='allow = ["dev-a"]'
+    )
+    async with collector(broker.port, "edge/v1/#") as c, running(cfg_b) as b:
+        topic = "edge/v1/dev-b/signal"
+        for call_id, sender in (("forbidden-1", "intruder"), ("policy-1", "dev-a")):
+            await c.client.publish(topic, _offer(call_id, sender, "dev-b"), qos=1)
+            await c.wait_for(lambda ms, i=call_id: i in one_summary_per_call(ms, "dev-b"))
+            await c.client.publish(topic, _offer(call_id, sender, "dev-b"), qos=1)
+        # Handled in order: once this one's summary is out, so would theirs be.
+        await c.client.publish(topic, _offer("forbidden-2", "intruder", "dev-b"), qos=1)
+        await c.wait_for(lambda ms: "forbidden-2" in one_summary_per_call(ms, "dev-b"))
+        assert b.calls_mgr.active is None
+    by_call = one_summary_per_call(c.messages, "dev-b")
+    assert set(by_call) == {"forbidden-1", "policy-1", "forbidden-2"}
+    assert by_call["forbidden-1"]["end_reason"] == "forbidden"
+    assert by_call["policy-1"]["end_reason"] == "policy_reject"
+    rejects = [
+        (s["call_id"], s["reason"])
+        for m in c.messages
+        if m.topic in ("edge/v1/intruder/signal", "edge/v1/dev-a/signal")
+        and (s := m.json())["type"] == "reject"
+    ]
+    assert sorted(rejects) == [
+        ("forbidden-1", "forbidden"),
+        ("forbidden-2", "forbidden"),
+        ("policy-1", "unavailable"),
+    ]
+    assert b.calls.total == 3

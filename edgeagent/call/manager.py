@@ -87,6 +87,10 @@ DELIBERATE_ENDS = frozenset(
 )
 
 
+OFFERS_REMEMBERED = 256
+"""Offers whose duplicates are ignored; a redelivery comes within seconds of the first."""
+
+
 class CallManager:
     """Owns signaling and the active call."""
 
@@ -122,6 +126,8 @@ class CallManager:
         self._stun_down = stun_down
         self.active: Call | None = None
         self.history: list[Call] = []
+        # Offers already handled, oldest first: a QoS 1 redelivery is not a new call.
+        self._offers_seen: dict[tuple[str, str], None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         link.subscribe(topics.signal, self._on_signal)
 
@@ -223,9 +229,15 @@ class CallManager:
         handler(msg)
 
     def _on_offer(self, msg: p.Signal) -> None:
+        key = (msg.from_, msg.call_id)
+        if key in self._offers_seen:
+            # A duplicate (QoS 1 redelivery): answered or refused already, and recorded once.
+            logger.debug("signaling: offer %s from %s again: ignored", msg.call_id, msg.from_)
+            return
+        self._offers_seen[key] = None
+        if len(self._offers_seen) > OFFERS_REMEMBERED:
+            del self._offers_seen[next(iter(self._offers_seen))]
         active = self.active
-        if active is not None and active.call_id == msg.call_id:
-            return  # a duplicate (QoS 1 redelivery)
         if not sig.caller_allowed(msg.from_, self.cfg.call.allow):
             self._refuse(msg, "forbidden", f"caller {msg.from_} is not allowed")
             return
