@@ -26,6 +26,7 @@ from call_support import (
     summaries,
     until,
 )
+from gpiozero.pins.mock import MockFactory
 from lossy_relay import Direction, lossy_link
 from schema_support import assert_valid
 
@@ -306,3 +307,72 @@ async def test_a_redelivered_offer_is_not_a_second_call(
         ("policy-1", "unavailable"),
     ]
     assert b.calls.total == 3
+
+
+async def test_ringing_call_answered_by_the_button_then_one_cancelled_by_the_caller(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 20))
+    cfg_b = endpoint_config(
+        tmp_path,
+        broker.port,
+        "dev-b",
+        alsa,
+        mic=tone(900, 20),
+        answer="ring",
+        call="ring_timeout_s = 30.0",
+        extra="[button]\nenabled = true\npin = 23",
+    )
+    factory = MockFactory()
+    async with (
+        collector(broker.port, "edge/v1/#") as c,
+        running(cfg_a) as a,
+        running(cfg_b, pin_factory=factory) as b,
+    ):
+        leds = LedLog(b)
+        answered = await a.calls_mgr.dial("dev-b")
+        await c.wait_for(
+            lambda ms: "call.ringing" in _cats(call_events(ms, "dev-b", answered.call_id))
+        )
+        assert b.health.current().state == "ringing"
+        # The button's short press answers a ringing call.
+        await until(lambda: b.button is not None)
+        factory.pin(23).drive_low()
+        factory.pin(23).drive_high()
+        await until(lambda: _hearing(a, 25) and _hearing(b, 25))
+        await a.calls_mgr.hangup()
+        await c.wait_for(lambda ms: answered.call_id in one_summary_per_call(ms, "dev-b"))
+        # The caller gives up while the second call rings.
+        cancelled = await a.calls_mgr.dial("dev-b")
+        await c.wait_for(
+            lambda ms: "call.ringing" in _cats(call_events(ms, "dev-b", cancelled.call_id))
+        )
+        await a.calls_mgr.hangup()
+        await c.wait_for(lambda ms: cancelled.call_id in one_summary_per_call(ms, "dev-b"))
+        await c.wait_for(lambda ms: cancelled.call_id in one_summary_per_call(ms, "dev-a"))
+    sa, sb = one_summary_per_call(c.messages, "dev-a"), one_summary_per_call(c.messages, "dev-b")
+    first = _cats(call_events(c.messages, "dev-b", answered.call_id))
+    assert first == [
+        "call.incoming",
+        "call.ringing",
+        "call.answered",
+        "call.established",
+        "call.media_started",
+        "call.closed",
+    ]
+    assert sb[answered.call_id]["result"] == sa[answered.call_id]["result"] == "completed"
+    second = call_events(c.messages, "dev-b", cancelled.call_id)
+    assert _cats(second) == ["call.incoming", "call.ringing", "call.closed"]
+    callee = sb[cancelled.call_id]
+    assert (callee["result"], callee["end_reason"]) == ("missed", "remote_cancel")
+    # The caller's side: not answered, and no failure (the failure-rate alert skips it).
+    caller = sa[cancelled.call_id]
+    assert (caller["result"], caller["end_reason"]) == ("missed", "local_hangup")
+    assert a.calls.failed == 0 and a.failures.counts() == (1, 0)
+    to_b = [m.json() for m in c.messages if m.topic == "edge/v1/dev-b/signal"]
+    sent = [(s["type"], s.get("reason")) for s in to_b if s["call_id"] == cancelled.call_id]
+    assert sent == [("offer", None), ("hangup", "local_hangup")]
+    assert leds.states == ["ringing", "connecting", "good", "idle", "ringing", "idle"]

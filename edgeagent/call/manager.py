@@ -74,6 +74,7 @@ class Call:
 
 # Ends of a connected call that someone chose: `completed`, not `failed` (which would
 # count against the failure-rate alert). Anything else that ends a live call failed.
+# Before an answer, the caller choosing one of these ends its call `missed`.
 DELIBERATE_ENDS = frozenset(
     {
         "local_hangup",
@@ -531,11 +532,7 @@ class CallManager:
         call.offer_sent.set()  # a glare refusal waiting on it goes out now
         call.end_reason = reason
         if result is None:
-            result = (
-                "completed"
-                if call.connected_mono is not None and reason in DELIBERATE_ENDS
-                else "failed"
-            )
+            result = _result_of(call, prior, reason)
         call.result = result
         spans = call.spans
         if spans.active:
@@ -758,6 +755,19 @@ class CallManager:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("calls: task failed", exc_info=task.exception())
+
+
+def _result_of(call: Call, prior: str, reason: str) -> str:
+    """The summary's result for a call that ended by `reason` in state `prior`."""
+    if reason not in DELIBERATE_ENDS:
+        return "failed"
+    if call.connected_mono is not None:
+        return "completed"
+    # This caller gave up before any answer (hung up while it rang, or stopped): the
+    # call was not answered, which is no failure of the call path.
+    if call.direction == "outgoing" and prior == "offering" and reason != "remote_hangup":
+        return "missed"
+    return "failed"
 
 
 def _forget_task_when_done(call: Call) -> None:
