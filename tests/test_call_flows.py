@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -376,3 +377,80 @@ async def test_ringing_call_answered_by_the_button_then_one_cancelled_by_the_cal
     sent = [(s["type"], s.get("reason")) for s in to_b if s["call_id"] == cancelled.call_id]
     assert sent == [("offer", None), ("hangup", "local_hangup")]
     assert leds.states == ["ringing", "connecting", "good", "idle", "ringing", "idle"]
+
+
+async def test_a_stall_that_ends_in_time_clears_and_the_call_goes_on(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """Shortened (1 s warning, 8 s timeout): the stall stays a health reason through
+    a stats window and clears only once audio flows again; the call goes on."""
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(
+        tmp_path,
+        broker.port,
+        "dev-a",
+        alsa,
+        mic=tone(440, 40),
+        call="media_stall_warn_s = 1.0\nmedia_stall_hangup_s = 8.0",
+    )
+    cfg_b = endpoint_config(tmp_path, broker.port, "dev-b", alsa, mic=tone(900, 40))
+    clean = {"a_to_b": Direction(), "b_to_a": Direction()}
+    async with (
+        collector(broker.port, "edge/v1/#") as c,
+        running(cfg_a) as a,
+        running(cfg_b),
+        lossy_link(broker.port, a="dev-a", b="dev-b", **clean) as (relay, proxy),
+    ):
+        call = await a.calls_mgr.dial(proxy.alias_b)
+        await until(lambda: _hearing(a, 50))
+        relay.b_to_a.loss = 1.0
+
+        def health_after_stall(ms: list[Any]) -> list[dict[str, Any]]:
+            return [
+                h
+                for m in ms
+                if m.topic == "edge/v1/dev-a/health" and (h := m.json())["ts"] >= stalled[0]["ts"]
+            ]
+
+        stalled = await c.wait_for(
+            lambda ms: [
+                e
+                for e in call_events(ms, "dev-a", call.call_id)
+                if e["category"] == "call.media_stalled"
+            ]
+        )
+        # Still stalled a stats window later (health is published on change only).
+        await c.wait_for(
+            lambda ms: any(
+                m.json()["ts"] > stalled[0]["ts"]
+                for m in ms
+                if m.topic == f"edge/v1/dev-a/calls/{call.call_id}/quality"
+            )
+        )
+        resumed_at = time.time()
+        relay.b_to_a.loss = 0.0
+        heard = a.calls_mgr.active.session.sink.frames_received
+
+        # Recovered: a health update without the stall, and audio flowing again.
+        await c.wait_for(
+            lambda ms: any("no inbound media" not in h["reasons"] for h in health_after_stall(ms))
+        )
+        await until(lambda: _hearing(a, heard + 50))
+        assert a.calls_mgr.active is not None and a.calls_mgr.active.call_id == call.call_id
+        await a.calls_mgr.hangup()
+        sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"))
+    after = health_after_stall(c.messages)
+    while_silent = [h for h in after if h["ts"] < resumed_at]
+    assert while_silent, after
+    for h in while_silent:
+        assert h["state"] == "degraded" and "no inbound media" in h["reasons"], after
+    recovered = next(h for h in after if "no inbound media" not in h["reasons"])
+    assert recovered["ts"] >= resumed_at
+    # Any in-call state: the window that sees the gap's packets as lost may call it bad.
+    assert recovered["state"] in ("good", "degraded", "bad")
+    (mine,) = sa
+    assert (mine["result"], mine["end_reason"]) == ("completed", "local_hangup")
+    ev = _cats(call_events(c.messages, "dev-a", call.call_id))
+    assert ev.count("call.media_stalled") == 1 and ev[-1] == "call.closed"
