@@ -74,7 +74,7 @@ class Call:
 
 # Ends of a connected call that someone chose: `completed`, not `failed` (which would
 # count against the failure-rate alert). Anything else that ends a live call failed.
-# Before an answer, the caller choosing one of these ends its call `missed`.
+# A caller that ends its own call so before any answer records it `missed`.
 DELIBERATE_ENDS = frozenset(
     {
         "local_hangup",
