@@ -100,6 +100,23 @@ async def echo_peer(cfg_path: Path, *, clean_stop: bool = True) -> AsyncIterator
                 await task
 
 
+class LedLog:
+    """Records the sequence of states the agent's LEDs were asked to show."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.states: list[str] = []
+        leds = agent.leds
+        assert leds is not None
+        original = leds.show
+
+        def show(state: str) -> None:
+            if not self.states or self.states[-1] != state:
+                self.states.append(state)
+            original(state)
+
+        leds.show = show  # type: ignore[method-assign]  # observe, not replace: the LEDs still switch
+
+
 async def until(cond: Callable[[], Any], timeout: float = 15.0, step: float = 0.05) -> Any:
     """Bounded polling for state that has no event to await (audio frames flowing)."""
     async with asyncio.timeout(timeout):
@@ -120,9 +137,34 @@ def summaries(messages: list[Any], device: str) -> list[dict[str, Any]]:
     ]
 
 
+def one_summary_per_call(messages: list[Any], device: str) -> dict[str, dict[str, Any]]:
+    """`device`'s summaries by call_id, after checking that no call_id has two."""
+    by_call: dict[str, dict[str, Any]] = {}
+    for s in summaries(messages, device):
+        assert s["call_id"] not in by_call, f"{device}: second summary for {s['call_id']}: {s}"
+        by_call[s["call_id"]] = s
+    return by_call
+
+
 def events(messages: list[Any], device: str) -> list[dict[str, Any]]:
     """Events published by `device`, in arrival order."""
     return [m.json() for m in messages if m.topic == f"edge/v1/{device}/events"]
+
+
+def call_events(messages: list[Any], device: str, call_id: str) -> list[dict[str, Any]]:
+    """Events published by `device` about call `call_id`, in arrival order."""
+    return [e for e in events(messages, device) if e.get("call_id") == call_id]
+
+
+def health_states(messages: list[Any], device: str) -> list[str]:
+    """The health states `device` published, in order, without repeats."""
+    out: list[str] = []
+    for m in messages:
+        if m.topic == f"edge/v1/{device}/health":
+            state = m.json()["state"]
+            if not out or out[-1] != state:
+                out.append(state)
+    return out
 
 
 def categories(messages: list[Any], device: str) -> list[str]:
@@ -133,3 +175,12 @@ def categories(messages: list[Any], device: str) -> list[str]:
 def alerts(messages: list[Any], device: str, name: str) -> list[dict[str, Any]]:
     """Every retained state published for alert `name` by `device`."""
     return [m.json() for m in messages if m.topic == f"edge/v1/{device}/alerts/{name}"]
+
+
+# An offer's SDP for tests that never answer it (refused, or declined by policy): only a
+# shell, but one that passes the agent's SDP check (signaling.sdp_problem).
+SHELL_SDP = (
+    "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+    "a=rtpmap:111 opus/48000/2\r\na=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\n"
+    f"a=fingerprint:sha-256 {':'.join(['AB'] * 32)}\r\na=setup:actpass\r\n"
+)

@@ -11,7 +11,8 @@ Between two agents that signal over a real broker, `SignalingProxy` does the
 candidate rewriting: A dials B's alias, the proxy forwards the offer to B as
 if from A's alias (with A's candidates pointing at the relay) and B's answer
 back to A the same way, so the media of a normal agent-to-agent call crosses
-the relay. The loss can be changed mid-call (`Direction.loss`).
+the relay. The loss can be changed mid-call (`Direction.loss`); `drop_all`
+makes a direction a black hole for every datagram.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ class Direction:
     delay_ms: float = 0.0
     jitter_ms: float = 0.0
     seed: int = 1
+    drop_all: bool = False  # a black hole: nothing passes, not even STUN (ICE never succeeds)
     forwarded: int = 0
+    dropped: int = 0  # datagrams swallowed by `drop_all`
     rtp_dropped: int = 0
     rtp_seen: int = 0
     rng: random.Random = field(init=False)  # loss: one draw per RTP packet, reproducible
@@ -121,6 +124,9 @@ class LossyRelay:
         else:
             direction, dest, out = self.a_to_b, self.b_addr, self._ports["to_a"]
         if dest is None or out.transport is None:
+            return
+        if direction.drop_all:
+            direction.dropped += 1
             return
         if is_rtp(data):
             direction.rtp_seen += 1

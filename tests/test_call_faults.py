@@ -13,9 +13,11 @@ from agent_support import collector
 from alsa_support import tone
 from call_support import (
     alsa_env,
+    call_events,
     echo_peer,
     endpoint_config,
     events,
+    one_summary_per_call,
     running,
     summaries,
     until,
@@ -49,7 +51,7 @@ async def test_not_allowed_caller_is_rejected_forbidden(
         running(cfg_a, **seams_a) as a,
         running(cfg_b, **seams_b),
     ):
-        await a.calls_mgr.dial("dev-b")
+        call = await a.calls_mgr.dial("dev-b")
         sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"))
         sb = await c.wait_for(lambda ms: summaries(ms, "dev-b"))
         assert a.calls_mgr.active is None
@@ -67,6 +69,8 @@ async def test_not_allowed_caller_is_rejected_forbidden(
     # answer): the callee's LEDs kept the idle heartbeat; the caller dialled, then idle.
     assert_led_states(leds_b, ["offline", "idle"])
     assert_led_states(leds_a, ["offline", "idle", "connecting", "idle"])
+    assert list(one_summary_per_call(c.messages, "dev-a")) == [call.call_id]
+    assert list(one_summary_per_call(c.messages, "dev-b")) == [call.call_id]
 
 
 async def test_busy_and_answer_timeout_and_leds(
@@ -89,10 +93,10 @@ async def test_busy_and_answer_timeout_and_leds(
         running(cfg_b, **seams_b) as b,
         running(cfg_c, **seams_c) as c_agent,
     ):
-        await a.calls_mgr.dial("dev-b")
+        ringing = await a.calls_mgr.dial("dev-b")
         await until(lambda: b.calls_mgr.active and b.calls_mgr.active.state == "ringing")
         # A second caller while B rings: busy.
-        await c_agent.calls_mgr.dial("dev-b")
+        busy = await c_agent.calls_mgr.dial("dev-b")
         sc = await c.wait_for(lambda ms: summaries(ms, "dev-c"))
         assert sc[0]["end_reason"] == "rejected_busy"
         # Nobody answers: B's ring times out, A is told it was not answered.
@@ -112,6 +116,21 @@ async def test_busy_and_answer_timeout_and_leds(
     assert_led_states(leds_b, ["offline", "idle", "ringing", "idle"])
     assert_led_states(leds_a, ["offline", "idle", "connecting", "idle"])
     assert_led_states(leds_c, ["offline", "idle", "connecting", "idle"])
+    # One summary per call on each side: B has the missed call and the busy one.
+    by_b = one_summary_per_call(c.messages, "dev-b")
+    assert set(by_b) == {ringing.call_id, busy.call_id}
+    assert (by_b[busy.call_id]["result"], by_b[busy.call_id]["end_reason"]) == ("rejected", "busy")
+    assert list(one_summary_per_call(c.messages, "dev-a")) == [ringing.call_id]
+    assert list(one_summary_per_call(c.messages, "dev-c")) == [busy.call_id]
+    # B's events for the ringing call: incoming, ringing, then closed as missed once the
+    # 1 s ring timeout ran out; the busy caller's offer is one refused `call.incoming`.
+    rang = call_events(c.messages, "dev-b", ringing.call_id)
+    assert [e["category"] for e in rang] == ["call.incoming", "call.ringing", "call.closed"]
+    assert rang[2]["data"]["result"] == "missed"
+    assert rang[2]["data"]["end_reason"] == "ring_timeout"
+    assert 1.0 <= rang[2]["ts"] - rang[1]["ts"] < 3.0
+    refused = call_events(c.messages, "dev-b", busy.call_id)
+    assert [(e["category"], e["data"]["reason"]) for e in refused] == [("call.incoming", "busy")]
 
 
 async def test_peer_vanishing_mid_call_hangs_up_on_media_timeout(
@@ -280,6 +299,7 @@ async def test_speaker_vanishing_mid_call_ends_the_call_faults_and_recovers(
         assert await leds.decoded() == "idle"
         leds.stop()
     assert sa[1]["result"] == "completed"
+    assert len(one_summary_per_call(c.messages, "dev-a")) == 2  # two calls, one summary each
     assert (tmp_path / "spk_back.raw").stat().st_size > 0  # the new card plays
     cats = [(e["category"], e["level"]) for e in events(c.messages, "dev-a")]
     assert ("audio.device", "error") in cats

@@ -22,6 +22,7 @@ from call_support import (
     categories,
     echo_peer,
     endpoint_config,
+    one_summary_per_call,
     running,
     summaries,
     until,
@@ -64,6 +65,8 @@ async def test_two_agents_call_each_other_with_audio_both_ways(
 
     for m in c.messages:
         assert_valid(m.topic, m.payload)
+    for device in ("dev-a", "dev-b"):
+        assert list(one_summary_per_call(c.messages, device)) == [call.call_id]
     assert sa[0]["result"] == "completed", (sa, sb)
     assert sa[0]["end_reason"] == "local_hangup"
     assert sb[0]["result"] == "completed" and sb[0]["end_reason"] == "remote_hangup"

@@ -14,6 +14,7 @@ import pytest
 from agent_support import Collector, collector
 from alsa_support import active, hz_tolerance, peak_hz, read_raw, tone
 from call_support import (
+    SHELL_SDP,
     alsa_env,
     echo_peer,
     endpoint_config,
@@ -30,12 +31,7 @@ from edgeagent.control.keys import call_claims, generate_keypair, sign_command
 
 pytestmark = pytest.mark.broker
 
-# Never applied (refused or policy-rejected), but it must pass the agent's SDP check.
-SDP = (
-    "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
-    "a=rtpmap:111 opus/48000/2\r\na=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\n"
-    f"a=fingerprint:sha-256 {':'.join(['AB'] * 32)}\r\na=setup:actpass\r\n"
-)
+SDP = SHELL_SDP  # never applied: refused or policy-rejected
 
 
 class Keys:

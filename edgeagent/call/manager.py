@@ -60,6 +60,7 @@ class Call:
     session: CallSession | None = None
     task: asyncio.Task[None] | None = None
     answered: asyncio.Future[p.Signal] | None = None  # outgoing: the answer or reject
+    offer_sent: asyncio.Event = field(default_factory=asyncio.Event)  # outgoing; set at the end too
     accept: asyncio.Future[bool] | None = None  # incoming while ringing
     end_reason: str | None = None
     result: str | None = None
@@ -76,6 +77,7 @@ class Call:
 
 # Ends of a connected call that someone chose: `completed`, not `failed` (which would
 # count against the failure-rate alert). Anything else that ends a live call failed.
+# A caller that ends its own call so before any answer records it `missed`.
 DELIBERATE_ENDS = frozenset(
     {
         "local_hangup",
@@ -87,6 +89,10 @@ DELIBERATE_ENDS = frozenset(
         "call_test",
     }
 )
+
+
+OFFERS_REMEMBERED = 256
+"""Offers whose duplicates are ignored; a redelivery comes within seconds of the first."""
 
 
 class CallManager:
@@ -126,6 +132,8 @@ class CallManager:
         self._stun_down = stun_down
         self.active: Call | None = None
         self.history: list[Call] = []
+        # Offers already handled, oldest first: a QoS 1 redelivery is not a new call.
+        self._offers_seen: dict[tuple[str, str], str | None] = {}  # -> the reject it got
         self._tasks: set[asyncio.Task[None]] = set()
         link.subscribe(topics.signal, self._on_signal)
 
@@ -255,21 +263,19 @@ class CallManager:
         handler(msg)
 
     def _on_offer(self, msg: p.Signal) -> None:
-        active = self.active
-        if active is not None and active.call_id == msg.call_id:
-            return  # a duplicate (QoS 1 redelivery)
-        done = next(
-            (c for c in reversed(self.history) if (c.call_id, c.peer) == (msg.call_id, msg.from_)),
-            None,
-        )
-        if done is not None:
-            # A redelivered (or replayed) offer of a call that already has its record:
-            # no second call, summary or event; a refusal is repeated in case it was lost.
-            logger.info("signaling: offer %s again, after it ended %s", msg.call_id, done.result)
-            sent = done.extra.get("rejected_with")
+        key = (msg.from_, msg.call_id)
+        if key in self._offers_seen:
+            # A duplicate (QoS 1 redelivery): answered or refused already, and recorded
+            # once; a refusal is repeated (the same reject), in case the first was lost.
+            logger.debug("signaling: offer %s from %s again: ignored", msg.call_id, msg.from_)
+            sent = self._offers_seen[key]
             if sent is not None:
                 self._send("reject", msg.from_, msg.call_id, reason=sent)
             return
+        self._offers_seen[key] = None
+        if len(self._offers_seen) > OFFERS_REMEMBERED:
+            del self._offers_seen[next(iter(self._offers_seen))]
+        active = self.active
         if not sig.caller_allowed(msg.from_, self.cfg.call.allow):
             self._refuse(msg, "forbidden", f"caller {msg.from_} is not allowed")
             return
@@ -288,15 +294,8 @@ class CallManager:
                 active.direction == "outgoing"
                 and active.state == "offering"
                 and active.peer == msg.from_
-                and sig.glare_winner(active.call_id, msg.call_id) == msg.call_id
             ):
-                self.publisher.event(
-                    "info",
-                    "call.signaling",
-                    f"glare with {msg.from_}: taking their offer",
-                    call_id=active.call_id,
-                )
-                self._spawn(self._yield_to(active, msg))
+                self._glare(active, msg)
                 return
             self._refuse(msg, "busy", f"busy with call {active.call_id}")
             return
@@ -308,8 +307,36 @@ class CallManager:
         call.task = self._spawn(self._incoming(call, msg))
         _forget_task_when_done(call)
 
+    def _glare(self, ours: Call, theirs: p.Signal) -> None:
+        """We and the peer offered to each other at once: the lower call_id goes on.
+
+        Neither end failed: the call that gives way ends `rejected` with reason
+        `glare` on both ends, so it does not count against the failure-rate alert.
+        """
+        keep = sig.glare_winner(ours.call_id, theirs.call_id) == ours.call_id
+        kept, given_up = (ours.call_id, theirs.call_id) if keep else (theirs.call_id, ours.call_id)
+        self.publisher.event(
+            "info",
+            "call.signaling",
+            f"glare with {theirs.from_}: {kept} goes on, {given_up} gives way",
+            data={"kept": kept, "yielded": given_up, "ours_kept": keep},
+            call_id=given_up,
+        )
+        if keep:
+            self._spawn(self._refuse_glare(ours, theirs))
+        else:
+            self._spawn(self._yield_to(ours, theirs))
+
+    async def _refuse_glare(self, ours: Call, theirs: p.Signal) -> None:
+        # The reject goes out after our offer (one publisher, one topic: in order), so
+        # the peer yields to our offer first and then ignores the reject of a call it
+        # already ended, instead of reading it as `busy`.
+        await ours.offer_sent.wait()
+        self._refuse(theirs, "busy", f"glare: our call {ours.call_id} goes on", end_reason="glare")
+
     async def _yield_to(self, ours: Call, theirs: p.Signal) -> None:
-        await self._finish(ours, "glare", send_hangup=True)
+        # No hangup: the peer applies the same rule and refuses our offer by itself.
+        await self._finish(ours, "glare", result="rejected")
         if self.active is None:
             self._start_incoming(theirs)
 
@@ -339,7 +366,16 @@ class CallManager:
             return
         self._spawn(self._finish(call, "remote_hangup", detail=msg.reason))
 
-    def _refuse(self, msg: p.Signal, reason: str, why: str) -> None:
+    def _rejected(self, caller: str, call_id: str, reason: str) -> None:
+        """Remember the reject an offer got, for its redeliveries."""
+        if (caller, call_id) in self._offers_seen:
+            self._offers_seen[(caller, call_id)] = reason
+
+    def _refuse(
+        self, msg: p.Signal, reason: str, why: str, *, end_reason: str | None = None
+    ) -> None:
+        """Reject an offer with `reason` and record it (summary end_reason: `end_reason`
+        if given, else the reason)."""
         self._send("reject", msg.from_, msg.call_id, reason=reason)
         # A refused call still gets its record (and its trace), so failure rates see it.
         call = Call(
@@ -352,7 +388,7 @@ class CallManager:
             spans=CallTracer(self.tracer),
         )
         call.spans.start_call(call.call_id, "incoming", call.peer, msg.traceparent)
-        call.extra["rejected_with"] = reason  # repeated to a redelivery of this offer
+        self._rejected(msg.from_, msg.call_id, reason)
         self.publisher.event(
             "warning" if reason == "forbidden" else "info",
             "call.incoming",
@@ -361,9 +397,9 @@ class CallManager:
             call_id=msg.call_id,
             trace_id=call.trace_id,
         )
-        call.result, call.end_reason = "rejected", reason
+        call.result, call.end_reason = "rejected", end_reason or reason
         self._summary(call)
-        call.spans.end_call("rejected", end_reason=reason)
+        call.spans.end_call("rejected", end_reason=call.end_reason)
 
     # --- call flows -----------------------------------------------------------------------
 
@@ -372,7 +408,7 @@ class CallManager:
         policy = self.cfg.call.answer
         if policy == "reject":
             self._send("reject", call.peer, call.call_id, reason="unavailable")
-            call.extra["rejected_with"] = "unavailable"
+            self._rejected(call.peer, call.call_id, "unavailable")
             await self._finish(call, "policy_reject", result="rejected")
             return
         if policy == "ring":
@@ -393,7 +429,7 @@ class CallManager:
                     await self._finish(call, "remote_cancel", result="missed")
                     return
                 self._send("reject", call.peer, call.call_id, reason="unavailable")
-                call.extra["rejected_with"] = "unavailable"
+                self._rejected(call.peer, call.call_id, "unavailable")
                 reason = "ring_timeout" if call.extra.get("ring_timeout") else "declined"
                 await self._finish(
                     call, reason, result="missed" if reason == "ring_timeout" else "rejected"
@@ -435,6 +471,7 @@ class CallManager:
                     traceparent=call.traceparent,
                     token=token,
                 )
+                call.offer_sent.set()
                 call.spans.end_phase("signaling.offer")
             finally:
                 if not ready.done():
@@ -478,8 +515,8 @@ class CallManager:
             on_media_stalled=lambda s: self._event(
                 call,
                 "warning",
-                "call.media",
-                f"media_stalled: no inbound audio for {s:.1f} s",
+                "call.media_stalled",
+                f"media stalled: no inbound audio for {s:.1f} s",
                 data={"silent_s": round(s, 1)},
             ),
             spans=call.spans,
@@ -548,13 +585,10 @@ class CallManager:
             return
         prior = call.state
         call.state = "ended"
+        call.offer_sent.set()  # a glare refusal waiting on it goes out now
         call.end_reason = reason
         if result is None:
-            result = (
-                "completed"
-                if call.connected_mono is not None and reason in DELIBERATE_ENDS
-                else "failed"
-            )
+            result = _result_of(call, prior, reason)
         call.result = result
         spans = call.spans
         if spans.active:
@@ -780,6 +814,19 @@ class CallManager:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("calls: task failed", exc_info=task.exception())
+
+
+def _result_of(call: Call, prior: str, reason: str) -> str:
+    """The summary's result for a call that ended by `reason` in state `prior`."""
+    if reason not in DELIBERATE_ENDS:
+        return "failed"
+    if call.connected_mono is not None:
+        return "completed"
+    # This caller gave up before any answer (hung up while it rang, or stopped): the
+    # call was not answered, which is no failure of the call path.
+    if call.direction == "outgoing" and prior == "offering" and reason != "remote_hangup":
+        return "missed"
+    return "failed"
 
 
 def _forget_task_when_done(call: Call) -> None:

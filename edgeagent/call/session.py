@@ -199,6 +199,7 @@ class CallSession:
         self._failed: asyncio.Future[CallEnded] = asyncio.get_running_loop().create_future()
         self._close_grace: asyncio.TimerHandle | None = None
         self._connected = asyncio.Event()
+        self._stalled = False  # no inbound audio for media_stall_warn_s, not resumed yet
         self._receive_buffers: list[Any] = []
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
@@ -470,7 +471,6 @@ class CallSession:
         # `stats_interval_s` and comes at its end (protocol section 2), not one interval later.
         prev: NetworkStats | None = await self._sample(None, started)
         next_stats = started + cfg.stats_interval_s
-        stalled_since: float | None = None
         max_end = started + cfg.max_duration_s
         while True:
             await self.clock.sleep(0.5)
@@ -482,13 +482,11 @@ class CallSession:
             if silent_for >= cfg.media_stall_hangup_s:
                 raise CallEnded("media_timeout", f"no inbound audio for {silent_for:.0f} s")
             if silent_for >= cfg.media_stall_warn_s:
-                if stalled_since is None:
-                    stalled_since = now
+                if not self._stalled:
                     self._stalled = True
                     self._on_media_stalled(silent_for)
-                    self._on_health(*health_for(None, True, []))
-            elif stalled_since is not None:
-                stalled_since = None
+                    self._report_health()
+            elif self._stalled:
                 self._stalled = False
                 self._report_health()
             if now >= max_end:
