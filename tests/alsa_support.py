@@ -175,3 +175,25 @@ def heard_speech(
     if not rhos:
         return 0, 0.0, []
     return int(np.median(starts)), float(np.median(rhos)), rhos
+
+
+def assert_heard_each_other(
+    tmp_path: Path, turns: tuple[tuple[str, int, np.ndarray], tuple[str, int, np.ndarray]]
+) -> None:
+    """Each of two endpoints (device, tone Hz, speech it sent) played the other's tone,
+    then the other's speech, and not its own (`spk_<device>.raw` under `tmp_path`)."""
+    (a, tone_a, speech_a), (b, tone_b, speech_b) = turns
+    for device, freq, far, own in (
+        (a, tone_b, speech_b, speech_a),
+        (b, tone_a, speech_a, speech_b),
+    ):
+        played = read_raw(tmp_path / f"spk_{device}.raw")
+        start, rho, rhos = heard_speech(played, far)
+        assert rho >= SPEECH_MATCH, f"{device}: far end's speech correlates {rhos}"
+        assert heard_speech(played, own)[1] < SPEECH_MATCH / 2
+        heard_tone = active(played[:start])
+        assert heard_tone.size >= 48000, f"{device} heard only {heard_tone.size} samples"
+        assert abs(peak_hz(heard_tone) - freq) <= hz_tolerance(freq), (
+            f"{device}: peak {peak_hz(heard_tone)}"
+        )
+        assert abs(level_dbfs(heard_tone) - (-12)) <= 3
