@@ -29,6 +29,11 @@ class BenchAlsa:
         self._write()
         return name
 
+    def remove_mic(self, name: str) -> None:
+        """The card is unplugged: its PCM is no longer defined."""
+        del self.mics[name]
+        self._write()
+
     def add_speaker(self, name: str, outfile: Path) -> str:
         self.speakers[name] = outfile
         self._write()
