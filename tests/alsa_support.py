@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pytest
@@ -25,6 +28,11 @@ class BenchAlsa:
         self.mics[name] = infile
         self._write()
         return name
+
+    def remove_mic(self, name: str) -> None:
+        """The card is unplugged: its PCM is no longer defined."""
+        del self.mics[name]
+        self._write()
 
     def add_speaker(self, name: str, outfile: Path) -> str:
         self.speakers[name] = outfile
@@ -197,3 +205,67 @@ def assert_heard_each_other(
             f"{device}: peak {peak_hz(heard_tone)}"
         )
         assert abs(level_dbfs(heard_tone) - (-12)) <= 3
+
+
+class EchoPath:
+    """A loudspeaker-to-microphone path between two file PCMs, driven by the test.
+
+    A file PCM cannot read what another writes as it is written (past the end
+    of its infile it returns junk, and a playback file PCM truncates its file on
+    open), so this pump copies what the speaker PCM wrote, `erl_db` down, into
+    the microphone's infile `lead_ms` ahead of where the capture reads, mixed
+    with what is there. Everything played reaches the microphone in order and
+    sample-continuous, as from a speaker next to it; the delay from playout to
+    capture is the file PCM's write buffering plus the lead. `capture_pos`
+    gives the samples the capture has read so far (None before it runs).
+    """
+
+    def __init__(
+        self,
+        speaker: Path,
+        mic: Path,
+        capture_pos: Callable[[], int | None],
+        *,
+        erl_db: float = 10.0,
+        lead_ms: float = 60.0,
+    ) -> None:
+        self.speaker = speaker
+        self.mic = mic
+        self.capture_pos = capture_pos
+        self.gain = 10 ** (-erl_db / 20)
+        self.lead = round(lead_ms * RATE / 1000)
+        self.cursor: int | None = None  # mic sample the next speaker sample lands on
+        self.copied = 0  # speaker samples that reached the mic
+        self._odd = b""
+
+    def pump(self, spk: BinaryIO, mic: BinaryIO) -> None:
+        """Move whatever the speaker wrote since the last call into the microphone."""
+        data = self._odd + spk.read()
+        cut = len(data) // 2 * 2
+        data, self._odd = data[:cut], data[cut:]
+        if not data:
+            return
+        if self.cursor is None:
+            pos = self.capture_pos()
+            if pos is None:
+                return  # played before the capture runs: nobody would hear it
+            self.cursor = pos + self.lead
+        played = np.frombuffer(data, dtype="<i2").astype(np.float64)
+        mic.seek(self.cursor * 2)
+        near = np.frombuffer(mic.read(played.size * 2), dtype="<i2").astype(np.float64)
+        near = np.pad(near, (0, played.size - near.size))
+        mixed = np.clip(np.rint(near + self.gain * played), -32768, 32767).astype("<i2")
+        mic.seek(self.cursor * 2)
+        mic.write(mixed.tobytes())
+        mic.flush()
+        self.cursor += played.size
+        self.copied += played.size
+
+    async def run(self, period_s: float = 0.005) -> None:
+        """Pump until cancelled: a few times per 20 ms frame, to keep well inside the lead."""
+        while not self.speaker.exists():
+            await asyncio.sleep(period_s)
+        with self.speaker.open("rb") as spk, self.mic.open("r+b") as mic:
+            while True:
+                self.pump(spk, mic)
+                await asyncio.sleep(period_s)

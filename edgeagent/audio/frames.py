@@ -37,11 +37,20 @@ def downmix(samples: NDArray[np.int16], channels: int) -> Samples:
 
 
 def resample_linear(samples: Samples, src_rate: int, dst_rate: int) -> Samples:
-    """Linear-interpolation resample of a mono block (for non-48 kHz codecs; G.711 is 8 kHz)."""
-    if src_rate == dst_rate or samples.size == 0:
+    """Linear-interpolation resample of a mono block (for non-48 kHz codecs; G.711 is 8 kHz).
+
+    Each output sample sits at the centre of its own period on the input's time
+    axis, so consecutive blocks join on the same grid. (`stretch` pins both ends
+    instead: block by block that slows each 20 ms a little and jumps back at the
+    edge, a 50 Hz buzz about 15 dB under a 1 kHz tone from 8 kHz.) Past the first
+    and last input sample the edge sample is held.
+    """
+    n = samples.size
+    if src_rate == dst_rate or n == 0:
         return samples
-    out_len = round(samples.size * dst_rate / src_rate)
-    return stretch(samples, out_len)
+    out_len = round(n * dst_rate / src_rate)
+    src = (np.arange(out_len) + 0.5) * (n / out_len) - 0.5
+    return to_int16(np.interp(src, np.arange(n), samples.astype(np.float64)))
 
 
 def stretch(samples: Samples, out_len: int) -> Samples:
