@@ -37,6 +37,20 @@ def test_event_omits_unset_optionals_and_keeps_v() -> None:
     assert_valid("edge/v1/d/events", doc)
 
 
+SIG = {"v": 1, "call_id": "c1", "from": "a", "to": "b", "ts": 1.0}
+TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_each_signal_type_with_its_fields_is_valid() -> None:
+    for doc in (
+        {**SIG, "type": "offer", "sdp": "v=0", "traceparent": TP, "token": "a.b.c"},
+        {**SIG, "type": "answer", "sdp": "v=0"},
+        {**SIG, "type": "reject", "reason": "busy"},
+        {**SIG, "type": "hangup", "reason": "local_hangup"},
+    ):
+        assert_valid("edge/v1/b/signal", doc)
+
+
 def test_signal_uses_the_from_key() -> None:
     s = p.Signal(v=1, type="hangup", call_id="c1", from_="a", to="b", ts=1.0, reason="normal")
     doc = json.loads(p.encode(s))
@@ -51,6 +65,15 @@ def test_signal_uses_the_from_key() -> None:
         ("edge/v1/d/events", {"v": 1, "device": "d", "ts": 1.0, "seq": 1, "level": "loud"}),
         ("edge/v1/d/status", {"v": 1, "device": "d", "ts": 1.0, "state": "maybe", "session": 1}),
         ("edge/v1/d/health", {"v": 1, "device": "d", "ts": 1.0, "state": "ok", "reasons": []}),
+        ("edge/v1/d/health", {"v": 2, "device": "d", "ts": 1.0, "state": "idle", "reasons": []}),
+        ("edge/v1/d/health", {"v": 1, "device": "D_1", "ts": 1.0, "state": "idle", "reasons": []}),
+        ("edge/v1/b/signal", {**SIG, "type": "offer", "traceparent": TP}),  # no sdp
+        ("edge/v1/b/signal", {**SIG, "type": "offer", "sdp": "v=0"}),  # no traceparent
+        ("edge/v1/b/signal", {**SIG, "type": "answer"}),
+        ("edge/v1/b/signal", {**SIG, "type": "reject", "reason": "nope"}),
+        ("edge/v1/b/signal", {**SIG, "type": "reject"}),
+        ("edge/v1/b/signal", {**SIG, "type": "hangup"}),
+        ("edge/v1/b/signal", {**SIG, "type": "hangup", "reason": "x", "from": "A b"}),
     ],
 )
 def test_schemas_reject_contract_violations(topic: str, doc: dict) -> None:  # type: ignore[type-arg]

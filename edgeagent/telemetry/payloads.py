@@ -277,11 +277,45 @@ def encode(payload: msgspec.Struct) -> bytes:
     return _encoder.encode(payload)
 
 
+# JSON Schema (ECMA-262) patterns; `$` there is the end of the text.
+_ENDPOINT_ID_SCHEMA = {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"}
+
+# What protocol section 4 requires of each message type beyond the common fields.
+_SIGNAL_RULES: list[dict[str, Any]] = [
+    {
+        "if": {"properties": {"type": {"const": "offer"}}},
+        "then": {"required": ["sdp", "traceparent"]},
+    },
+    {"if": {"properties": {"type": {"const": "answer"}}}, "then": {"required": ["sdp"]}},
+    {
+        "if": {"properties": {"type": {"const": "reject"}}},
+        "then": {
+            "required": ["reason"],
+            "properties": {"reason": {"enum": ["busy", "forbidden", "unavailable", "error"]}},
+        },
+    },
+    {"if": {"properties": {"type": {"const": "hangup"}}}, "then": {"required": ["reason"]}},
+]
+
+
 def schema_for(name: str) -> dict[str, Any]:
-    """The JSON Schema of one payload type, self-contained."""
+    """The JSON Schema of one payload type, self-contained.
+
+    msgspec's schema plus what its types cannot say: `v` is the protocol version,
+    endpoint ids have the protocol's shape, and each signaling message type carries
+    the fields section 4 gives it."""
     schema: dict[str, Any] = msgspec.json.schema(SCHEMA_TYPES[name])
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = f"edgeagent v{PROTOCOL_VERSION} {name}"
+    body = schema["$defs"][SCHEMA_TYPES[name].__name__]
+    props = body.get("properties", {})
+    if "v" in props:
+        props["v"] = {"type": "integer", "const": PROTOCOL_VERSION}
+    for key in ("device", "from", "to"):
+        if key in props and props[key] == {"type": "string"}:
+            props[key] = dict(_ENDPOINT_ID_SCHEMA)
+    if name == "signal":
+        body["allOf"] = _SIGNAL_RULES
     return schema
 
 
