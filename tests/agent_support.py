@@ -49,19 +49,27 @@ mock = true
 
 @dataclass
 class AgentProcess:
-    """`python -m edgeagent run` as a child process."""
+    """`python -m edgeagent run` (or `command`, e.g. `echo-peer`) as a child process.
+
+    `args` follow `--config PATH` (`--dial PEER`); the output goes to `log`, by default
+    next to the config (give one for a config that is not in tmp_path).
+    """
 
     config: Path
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    command: str = "run"
+    args: tuple[str, ...] = ()
 
     def start(self) -> None:
         env = dict(os.environ, **self.env)
-        self.log = self.config.with_suffix(".log")
+        if self.log is None:
+            self.log = self.config.with_suffix(".log")
+        argv = ["-m", "edgeagent", self.command, "--config", str(self.config), *self.args]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edgeagent", "run", "--config", str(self.config)],
+                [sys.executable, *argv],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

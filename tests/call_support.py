@@ -100,23 +100,6 @@ async def echo_peer(cfg_path: Path, *, clean_stop: bool = True) -> AsyncIterator
                 await task
 
 
-class LedLog:
-    """Records the sequence of states the agent's LEDs were asked to show."""
-
-    def __init__(self, agent: Agent) -> None:
-        self.states: list[str] = []
-        leds = agent.leds
-        assert leds is not None
-        original = leds.show
-
-        def show(state: str) -> None:
-            if not self.states or self.states[-1] != state:
-                self.states.append(state)
-            original(state)
-
-        leds.show = show  # type: ignore[method-assign]  # observe, not replace: the LEDs still switch
-
-
 async def until(cond: Callable[[], Any], timeout: float = 15.0, step: float = 0.05) -> Any:
     """Bounded polling for state that has no event to await (audio frames flowing)."""
     async with asyncio.timeout(timeout):

@@ -243,6 +243,14 @@ def _fits(
     return not lit[-1].end_seen or end - lit[-1].end <= off_s + LATE_S
 
 
+def traced(factory: MockFactory | None = None) -> tuple[dict[str, Any], LedTrace]:
+    """Seams for `call_support.running`: LED pins on `factory` (a new MockFactory if None,
+    or the one a test also drives a button on), recorded from before the agent starts."""
+    factory = factory if factory is not None else MockFactory()
+    trace = LedTrace(factory)
+    return {"pin_factory": factory, "built": trace.follow}, trace
+
+
 def assert_led_states(trace: LedTrace, expected: list[str]) -> None:
     """Each segment's pins fit the expected state (and the count of states matches)."""
     segments = trace.segments()

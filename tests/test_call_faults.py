@@ -6,7 +6,6 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from agent_support import collector
@@ -22,18 +21,10 @@ from call_support import (
     summaries,
     until,
 )
-from gpiozero.pins.mock import MockFactory
-from led_support import LedTrace, assert_led_states
+from led_support import assert_led_states, traced
 from schema_support import assert_valid
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
-
-
-def traced() -> tuple[dict[str, Any], LedTrace]:
-    """Seams for `running`: MockFactory LED pins, recorded from before the agent starts."""
-    factory = MockFactory()
-    trace = LedTrace(factory)
-    return {"pin_factory": factory, "built": trace.follow}, trace
 
 
 async def test_not_allowed_caller_is_rejected_forbidden(

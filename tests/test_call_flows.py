@@ -2,7 +2,7 @@
 
 Real mosquitto, real agents (and a user-space relay where the path must fail);
 each flow is asserted as its events, health, summaries (one per call_id on each
-side) and what the agent does next.
+side), LED sequences read back from the MockFactory pins, and what the agent does next.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from agent_support import collector
 from alsa_support import tone
 from call_support import (
     SHELL_SDP,
-    LedLog,
     alsa_env,
     call_events,
     endpoint_config,
@@ -29,6 +28,7 @@ from call_support import (
     until,
 )
 from gpiozero.pins.mock import MockFactory
+from led_support import assert_led_states, traced
 from lossy_relay import Direction, lossy_link
 from schema_support import assert_valid
 
@@ -177,18 +177,20 @@ async def test_candidates_that_lead_nowhere_end_in_connect_timeout(
     )
     cfg_b = endpoint_config(tmp_path, broker.port, "dev-b", alsa, mic=tone(900, 10))
     black_hole = {"a_to_b": Direction(drop_all=True), "b_to_a": Direction(drop_all=True)}
+    seams, leds = traced()
     async with (
         collector(broker.port, "edge/v1/#") as c,
-        running(cfg_a) as a,
+        running(cfg_a, **seams) as a,
         running(cfg_b) as b,
         lossy_link(broker.port, a="dev-a", b="dev-b", **black_hole) as (relay, proxy),
     ):
-        leds = LedLog(a)
         call = await a.calls_mgr.dial(proxy.alias_b)
         sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"), timeout=10)
         sb = await c.wait_for(lambda ms: summaries(ms, "dev-b"))
         await until(lambda: a.health.current().state == "idle")
         assert a.calls_mgr.active is None and b.calls_mgr.active is None
+        assert await leds.decoded() == "idle"
+        leds.stop()
     assert proxy.forwarded.get("answer") == 1  # B answered; only the path was dead
     assert relay.a_to_b.dropped > 0 and relay.b_to_a.dropped > 0  # ICE checks went in
     (mine,) = sa
@@ -204,7 +206,8 @@ async def test_candidates_that_lead_nowhere_end_in_connect_timeout(
     assert closed["data"]["end_reason"] == "connect_timeout"
     # The timeout counts from the answer: 2 s, well before aioice gives up (~30 s).
     assert 2.0 <= closed["ts"] - ev[0]["ts"] < 6.0
-    assert leds.states == ["connecting", "idle"]
+    # Slow green blink for the whole dead attempt (it never got to solid), then the heartbeat.
+    assert_led_states(leds, ["offline", "idle", "connecting", "idle"])
     assert health_states(c.messages, "dev-a")[-2:] == ["connecting", "idle"]
     assert a.calls.failed == 1
     for m in c.messages:
@@ -222,20 +225,23 @@ async def test_inbound_media_dropped_mid_call_stalls_degrades_then_times_out(
     cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 40))
     cfg_b = endpoint_config(tmp_path, broker.port, "dev-b", alsa, mic=tone(900, 40))
     clean = {"a_to_b": Direction(), "b_to_a": Direction()}
+    seams, leds = traced()
     async with (
         collector(broker.port, "edge/v1/#") as c,
-        running(cfg_a) as a,
+        running(cfg_a, **seams) as a,
         running(cfg_b) as b,
         lossy_link(broker.port, a="dev-a", b="dev-b", **clean) as (relay, proxy),
     ):
-        leds = LedLog(a)
         call = await a.calls_mgr.dial(proxy.alias_b)
         await until(lambda: _hearing(a, 50))
+        assert await leds.decoded() == "good"  # solid green, past connecting's 1 s blink
         relay.b_to_a.loss = 1.0  # everything B sends A from now on, RTP only
         sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"), timeout=20)
         sb = await c.wait_for(lambda ms: summaries(ms, "dev-b"))
         await until(lambda: a.health.current().state == "idle")
         assert a.calls_mgr.active is None and b.calls_mgr.active is None
+        assert await leds.decoded() == "idle"
+        leds.stop()
     assert relay.b_to_a.rtp_dropped > 400  # > 8 s of 20 ms packets
     (mine,) = sa
     assert (mine["result"], mine["end_reason"]) == ("failed", "media_timeout")
@@ -254,11 +260,17 @@ async def test_inbound_media_dropped_mid_call_stalls_degrades_then_times_out(
     # Degraded from the stall until the call ended: the stats windows in between
     # (every second here) must not report the silent call as good again.
     assert health_states(c.messages, "dev-a")[-4:] == ["connecting", "good", "degraded", "idle"]
-    assert leds.states == ["connecting", "good", "degraded", "idle"]
-    # ... and for the stall: every health update from it to the hangup says so.
+    # Solid amber from the stall to the hangup.
+    assert_led_states(leds, ["offline", "idle", "connecting", "good", "degraded", "idle"])
+    # ... and for the stall: every health update from it to the hangup says so. The
+    # hangup's own update (idle) is stamped just before `call.closed`, in the same
+    # millisecond or the one before, so the window ends at the first idle, not at a ts.
     health = [m.json() for m in c.messages if m.topic == "edge/v1/dev-a/health"]
-    during = [h for h in health if stalled["ts"] <= h["ts"] < closed["ts"]]
-    assert during, health
+    since_stall = [h for h in health if h["ts"] >= stalled["ts"]]
+    ended = next(i for i, h in enumerate(since_stall) if h["state"] == "idle")
+    during = since_stall[:ended]
+    assert during, since_stall
+    assert 0.0 <= closed["ts"] - since_stall[ended]["ts"] < 0.5, since_stall
     for h in during:
         assert h["state"] == "degraded" and "no inbound media" in h["reasons"], during
     for m in c.messages:
@@ -329,18 +341,19 @@ async def test_ringing_call_answered_by_the_button_then_one_cancelled_by_the_cal
         call="ring_timeout_s = 30.0",
         extra="[button]\nenabled = true\npin = 23",
     )
-    factory = MockFactory()
+    factory = MockFactory()  # B's button and LEDs
+    seams_b, leds = traced(factory)
     async with (
         collector(broker.port, "edge/v1/#") as c,
         running(cfg_a) as a,
-        running(cfg_b, pin_factory=factory) as b,
+        running(cfg_b, **seams_b) as b,
     ):
-        leds = LedLog(b)
         answered = await a.calls_mgr.dial("dev-b")
         await c.wait_for(
             lambda ms: "call.ringing" in _cats(call_events(ms, "dev-b", answered.call_id))
         )
         assert b.health.current().state == "ringing"
+        assert await leds.decoded() == "ringing"  # fast green blink
         # The button's short press answers a ringing call.
         await until(lambda: b.button is not None)
         factory.pin(23).drive_low()
@@ -356,6 +369,9 @@ async def test_ringing_call_answered_by_the_button_then_one_cancelled_by_the_cal
         await a.calls_mgr.hangup()
         await c.wait_for(lambda ms: cancelled.call_id in one_summary_per_call(ms, "dev-b"))
         await c.wait_for(lambda ms: cancelled.call_id in one_summary_per_call(ms, "dev-a"))
+        await until(lambda: b.health.current().state == "idle")
+        assert await leds.decoded() == "idle"
+        leds.stop()
     sa, sb = one_summary_per_call(c.messages, "dev-a"), one_summary_per_call(c.messages, "dev-b")
     first = _cats(call_events(c.messages, "dev-b", answered.call_id))
     assert first == [
@@ -378,7 +394,10 @@ async def test_ringing_call_answered_by_the_button_then_one_cancelled_by_the_cal
     to_b = [m.json() for m in c.messages if m.topic == "edge/v1/dev-b/signal"]
     sent = [(s["type"], s.get("reason")) for s in to_b if s["call_id"] == cancelled.call_id]
     assert sent == [("offer", None), ("hangup", "local_hangup")]
-    assert leds.states == ["ringing", "connecting", "good", "idle", "ringing", "idle"]
+    # B's pins: rang, answered (slow blink until media, then solid), the heartbeat between
+    # the calls, and the second call rang until the caller gave up.
+    answered_call = ["ringing", "connecting", "good", "idle"]
+    assert_led_states(leds, ["offline", "idle", *answered_call, "ringing", "idle"])
 
 
 async def test_a_stall_that_ends_in_time_clears_and_the_call_goes_on(
