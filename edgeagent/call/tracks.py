@@ -2,7 +2,9 @@
 
 Receive path: aiortc's audio `JitterBuffer` (16 slots, prefetch 4) stalls
 ~280 ms after one lost packet and discards good packets after gaps
-(aiortc#543). `bypass_jitter_buffer` swaps it, per receiver, for
+(aiortc#543); between two agents at 15 % loss it adds about 270 ms of one-way
+delay and 18x the underruns (bench/latency.py, docs/benchmarks.md).
+`bypass_jitter_buffer` swaps it, per receiver, for
 `ArrivalOrderBuffer`, which hands every packet to the decoder as it arrives
 (dropping only duplicates and packets older than one already passed on, so
 timestamps stay monotonic). `RemoteAudioSink` then puts decoded frames into
