@@ -31,9 +31,10 @@ Rows:
   `--phases` adds where that time goes: the agent's call spans (docs/tracing.md, exported on
   its `traces` topic) as offsets from the call's start, and the echo peer's answer time
   (offer seen on its signal topic -> answer seen on the agent's), medians over the calls.
-- added one-way latency, DSP per frame, start to READY and idle CPU: bench/latency.py,
-  bench/dsp.py and bench/agent.py run as subprocesses, one after another, their figures
-  parsed from their output.
+- added one-way latency, DSP per frame, start to READY and idle CPU: bench/latency.py
+  (its clean case: two agents calling each other, `--loss 0`), bench/dsp.py and
+  bench/agent.py run as subprocesses, one after another, their figures parsed from their
+  output.
 Timings on a shared 2-core VM are provisional: compare the ratio, not the absolute values.
 """
 
@@ -68,6 +69,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 import baresip  # noqa: E402
 import cpusplit  # noqa: E402
 import instructions  # noqa: E402
+import latency  # noqa: E402
 import speech  # noqa: E402
 from agent_support import agent_config  # noqa: E402
 from conftest import free_port, wait_port, write_mosquitto_conf  # noqa: E402
@@ -791,8 +793,10 @@ def audio_work_alone() -> tuple[dict[str, float], float | None]:
 
 def run_subbenches(quick: bool) -> Subs:
     s = Subs()
-    out = run_sub("latency.py", ["--runs", "1" if quick else "3"], 600)
-    s.latency_ms = parse_float(r"added one-way latency, median of \d+: ([\d.]+) ms", out)
+    # The clean case only: the lossy cases (aiortc#543 on the agent's path) are for
+    # docs/benchmarks.md, run on their own.
+    out = run_sub("latency.py", ["--runs", "1" if quick else "3", "--loss", "0"], 600)
+    s.latency_ms = latency.parse_median(out)
     dsp_args = ["--seconds", "3", "--repeats", "3"] if quick else []
     out = run_sub("dsp.py", dsp_args, 600)
     s.dsp_us = parse_float(r"^ALL CHECKS, 3 streams \+ echo\s+([\d.]+)", out)
@@ -1016,7 +1020,7 @@ async def main_async(args: argparse.Namespace) -> None:
         "added one-way latency, bench loop (ms)",
         fmt(subs.latency_ms),
         "<= 60 (i3 80)",
-        "bench/latency.py",
+        "bench/latency.py --loss 0 (two agents)",
     )
     row("all DSP checks per 20 ms frame (µs)", fmt(subs.dsp_us, ".2f"), "<= 40", "bench/dsp.py")
     row("start to READY=1 (ms)", fmt(subs.ready_ms, ".0f"), "<= 1000", "bench/agent.py")

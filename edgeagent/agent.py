@@ -101,6 +101,9 @@ class AgentSeams:
     # the GC's permanent generation, so the full collection after each call scans
     # only what calls created (~0.1 ms instead of ~20 ms here, 3-5x that on a Pi).
     freeze_gc_after_start: bool = True
+    # Calls keep aiortc's audio jitter buffer, which stalls on loss (aiortc#543), instead
+    # of the workaround (edgeagent/call/tracks.py): only for bench/latency.py to measure it.
+    aiortc_jitter_buffer: bool = False
 
 
 class Agent:
@@ -235,6 +238,7 @@ class Agent:
             offer_token=self._offer_signer(),
             alerts=self.alerts,
             stun_down=self._stun_seen_down,
+            aiortc_jitter_buffer=self.seams.aiortc_jitter_buffer,
             tracer=(
                 self.tracer_provider.get_tracer("edgeagent.call", __version__)
                 if self.tracer_provider is not None

@@ -13,10 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 from agent_support import collector
-from alsa_support import RATE, tone
-from call_support import alsa_env, echo_peer, endpoint_config, running, until
+from alsa_support import RATE, read_raw, tone
+from call_support import alsa_env, echo_peer, endpoint_config, running, summaries, until
+from latency_support import delay_windows, matched
 from lossy_relay import Direction, lossy_link
 from schema_support import assert_valid
+
+from edgeagent.audio.synth import speech_like
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -137,6 +140,10 @@ async def test_injected_loss_lowers_mos_fires_mos_and_loss_alerts_and_resolves_t
         assert opus["fec_to_far_end"] and opus["fec_sent"] and opus["fec_from_far_end"]
         assert opus["max_loss_hint_pct"] >= 10  # 20 % loss reported by dev-b
         assert (opus["bitrate_kbps"], opus["complexity"]) == (32.0, 10)
+        # Through 20 % loss and its end, dev-a's playout stayed within its bound.
+        playout = summary[0]["playout"]
+        assert 0 < playout["max_depth_ms"] <= a.cfg.audio.playout_max_ms, playout
+        assert playout["overruns"] == 0, playout
     for m in c.messages:
         if "/alerts/" in m.topic or "/calls/" in m.topic:
             assert_valid(m.topic, m.payload)
@@ -216,3 +223,77 @@ async def test_the_echo_peer_conceals_loss_and_sends_fec_back_like_an_agent(
         await until(lambda: session.decoder_concealment()[1] > 0, timeout=20)
         assert relay.a_to_b.rtp_dropped > 0 and relay.b_to_a.rtp_dropped > 0
         await a.calls_mgr.hangup()
+
+
+async def test_under_loss_the_delay_from_mic_to_far_speaker_stays_bounded(
+    tmp_path: Path,
+    broker: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """15 % loss each way between two agents: the playout conceals and stays near its
+    target, and the one-way delay from dev-a's capture PCM to dev-b's playback PCM
+    (cross-correlated per 1 s window, tests/latency_support.py) stays bounded all call
+    long. With aiortc's own jitter buffer kept (aiortc#543) the same call runs near
+    350 ms with a few dozen underruns (bench/latency.py, docs/benchmarks.md)."""
+    alsa = alsa_env(tmp_path, monkeypatch)
+    lead = np.zeros(RATE // 2, dtype=np.int16)
+    sent = np.concatenate([lead, np.rint(speech_like(8.0, 21, level_dbfs=-20.0)).astype(np.int16)])
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=sent)
+    cfg_b = endpoint_config(tmp_path, broker.port, "dev-b", alsa)
+    async with (
+        collector(broker.port, "edge/v1/+/calls/#") as c,
+        lossy_path(broker.port, "dev-b", 0.15, seed=9) as (relay, proxy),
+        running(cfg_b, **SEAMS) as b,
+        running(cfg_a, **SEAMS) as a,
+    ):
+        call = await a.calls_mgr.dial(proxy.alias_b)
+        a_session = await until(lambda: a.calls_mgr.active and a.calls_mgr.active.session)
+        b_session = await until(lambda: b.calls_mgr.active and b.calls_mgr.active.session)
+        # dev-b's speaker has played the whole signal plus half a second.
+        frames = sent.size // 960 + 25
+        await until(
+            lambda: b_session.playback is not None and b_session.playback.frames_written >= frames,
+            timeout=30,
+        )
+        t_in, t_out = a_session.capture.first_period_at, b_session.playback.first_period_at
+        assert t_in is not None and t_out is not None
+        await a.calls_mgr.hangup()
+        by_device = await c.wait_for(
+            lambda ms: (
+                {d: s for d in ("dev-a", "dev-b") for s in summaries(ms, d)}
+                if all(summaries(ms, d) for d in ("dev-a", "dev-b"))
+                else None
+            ),
+            timeout=10,
+        )
+    loss = relay.a_to_b.rtp_dropped / relay.a_to_b.rtp_seen
+    assert 0.08 <= loss <= 0.25, loss
+    assert by_device["dev-a"]["call_id"] == call.call_id
+    target, bound = a.cfg.audio.playout_target_ms, a.cfg.audio.playout_max_ms
+    for device, summary in by_device.items():
+        playout = summary["playout"]
+        assert playout["plc_frames"] > 0, (device, playout)  # the loss was concealed ...
+        assert playout["concealed_frames"] >= playout["plc_frames"] + playout["fec_frames"]
+        assert 0 < playout["max_depth_ms"] <= bound, (device, playout)  # ... within the bound
+        # A run of 3+ lost packets outlasts the 60 ms depth before the next packet brings
+        # its PLC: ~2.4 such runs expected in 10 s at 18 %. aiortc's buffer, kept
+        # (AgentSeams.aiortc_jitter_buffer), stalls and bursts: 20-27 underruns and 1-5
+        # overruns in this call.
+        assert playout["overruns"] == 0, (device, playout)
+        assert playout["underruns"] <= 8, (device, playout)
+        assert playout["late_frames"] <= 20, (device, playout)  # such a gap's PLC: 1-2 late
+
+    windows = delay_windows(sent, read_raw(alsa.speakers["spk_dev-b"]), t_in=t_in, t_out=t_out)
+    found = matched(windows)
+    delays = [round(w.delay_ms, 1) for w in found]
+    print(
+        f"\n15 % loss: relay dropped {loss:.1%}; mic -> far speaker delay per 1 s: {delays} ms;"
+        f" playout {[s['playout'] for s in by_device.values()]}"
+    )
+    # A window the playout time-warped (drift correction, 2 % of some frames) or mostly
+    # concealed correlates below 0.5 and is left out; on a busy machine 3 of 8 were.
+    assert len(found) >= max(4, len(windows) // 2), windows
+    # The issue's target is 80 ms on a clean loop; under 15 % loss the delay may not
+    # exceed the playout target plus 40 ms of path anywhere in the call, nor wander.
+    assert max(delays) <= target + 40, delays
+    assert max(delays) - min(delays) <= 30, delays

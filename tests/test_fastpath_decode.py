@@ -11,7 +11,7 @@ from typing import Any
 import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpCodecParameters
-from aiortc.jitterbuffer import JitterFrame
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpreceiver import RemoteStreamTrack, decoder_worker
 from track_support import PacedSignal
@@ -20,6 +20,7 @@ from edgeagent.call.ice import ice_configuration, restrict_host_addresses
 from edgeagent.call.opus import MonoOpusEncoder, OpusSettings
 from edgeagent.call.tracks import (
     RECEIVER_DECODER_QUEUE_ATTR,
+    RECEIVER_JITTER_ATTR,
     InlineDecodeQueue,
     inline_decode,
     install_receive_path,
@@ -97,6 +98,22 @@ async def test_a_bad_frame_is_counted_and_decoding_goes_on() -> None:
         inline.put((OPUS, encoded[1]))
         assert (inline.decoded, inline.errors) == (2, 1)
         assert receiver._RTCRtpReceiver__decoder_error.is_set()  # type: ignore[attr-defined]
+    finally:
+        await pc.close()
+
+
+async def test_the_receive_path_can_keep_aiortcs_jitter_buffer_for_measurements() -> None:
+    """`aiortc_jitter_buffer=True` (AgentSeams, bench/latency.py) decodes inline behind
+    aiortc's own buffer; the default replaces it with the ArrivalOrderBuffer."""
+    pc = RTCPeerConnection()
+    try:
+        pc.addTransceiver("audio")
+        assert install_receive_path(pc, aiortc_jitter_buffer=True) == []
+        receiver = pc.getReceivers()[0]
+        assert type(getattr(receiver, RECEIVER_JITTER_ATTR)) is JitterBuffer
+        assert isinstance(getattr(receiver, RECEIVER_DECODER_QUEUE_ATTR), InlineDecodeQueue)
+        (ours,) = install_receive_path(pc)
+        assert getattr(receiver, RECEIVER_JITTER_ATTR) is ours
     finally:
         await pc.close()
 

@@ -114,9 +114,11 @@ class CallManager:
         alerts: AlertRules | None = None,
         tracer: trace.Tracer | None = None,
         stun_down: Callable[[], bool] | None = None,
+        aiortc_jitter_buffer: bool = False,
     ) -> None:
         """`stun_down`: whether the agent's probes see the (first) STUN server down now
-        (see `edgeagent.call.ice.stun_seen_down`); such calls gather without it."""
+        (see `edgeagent.call.ice.stun_seen_down`); such calls gather without it.
+        `aiortc_jitter_buffer`: see `CallSession` (benchmarks only)."""
         self.cfg = cfg
         self.link = link
         self.topics = topics
@@ -130,6 +132,7 @@ class CallManager:
         self.alerts = alerts
         self.tracer: trace.Tracer = tracer or trace.NoOpTracer()
         self._stun_down = stun_down
+        self._aiortc_jitter_buffer = aiortc_jitter_buffer
         self.active: Call | None = None
         self.history: list[Call] = []
         # Offers already handled, oldest first: a QoS 1 redelivery is not a new call.
@@ -521,6 +524,7 @@ class CallManager:
             ),
             spans=call.spans,
             stun_down=self._stun_down,
+            aiortc_jitter_buffer=self._aiortc_jitter_buffer,
         )
         call.session = session
         try:

@@ -141,10 +141,14 @@ class CallSession:
         on_media_stalled: Callable[[float], None],
         spans: CallTracer | None = None,
         stun_down: Callable[[], bool] | None = None,
+        aiortc_jitter_buffer: bool = False,
     ) -> None:
         """`stun_down` says whether the agent's own probes currently see the STUN server
-        down; such a call gathers without it (it could only delay the offer)."""
+        down; such a call gathers without it (it could only delay the offer).
+        `aiortc_jitter_buffer` keeps aiortc's jitter buffer (aiortc#543) in the receive
+        path instead of bypassing it: for benchmarks that measure the workaround."""
         self.cfg = cfg
+        self.aiortc_jitter_buffer = aiortc_jitter_buffer
         self.spans = spans
         self.call_id = call_id
         self.clock = clock
@@ -417,7 +421,10 @@ class CallSession:
         # The sink downmixes to mono anyway: decode Opus to mono (docs/profile.md),
         # with PLC; FEC from a far end that may send it (one that decodes FEC itself).
         self._receive_buffers = install_receive_path(
-            self.pc, mono_opus=True, opus_fec=far_end_uses_fec(remote_sdp)
+            self.pc,
+            mono_opus=True,
+            opus_fec=far_end_uses_fec(remote_sdp),
+            aiortc_jitter_buffer=self.aiortc_jitter_buffer,
         )
         if self.sink is not None:
             connect_sink(self.pc, self.sink)

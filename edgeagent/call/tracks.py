@@ -2,7 +2,9 @@
 
 Receive path: aiortc's audio `JitterBuffer` (16 slots, prefetch 4) stalls
 ~280 ms after one lost packet and discards good packets after gaps
-(aiortc#543). `bypass_jitter_buffer` swaps it, per receiver, for
+(aiortc#543); between two agents at 15 % loss it adds about 270 ms of one-way
+delay and 18x the underruns (bench/latency.py, docs/benchmarks.md).
+`bypass_jitter_buffer` swaps it, per receiver, for
 `ArrivalOrderBuffer`, which hands every packet to the decoder as it arrives
 (dropping only duplicates and packets older than one already passed on, so
 timestamps stay monotonic). `RemoteAudioSink` then puts decoded frames into
@@ -416,11 +418,14 @@ def install_receive_path(
     mono_opus: bool = False,
     opus_fec: bool = True,
     as_frames: bool = False,
+    aiortc_jitter_buffer: bool = False,
 ) -> list[ArrivalOrderBuffer]:
     """Bypass the jitter buffer of every audio receiver of `pc` and decode inline
     (Opus to mono with `mono_opus`, through libopus with PLC where it is installed:
     for a consumer that downmixes anyway; `opus_fec` False for a far end that sends
     no in-band FEC; `as_frames` to get `av.AudioFrame`s on the track from PlcDecoder).
+    `aiortc_jitter_buffer` keeps aiortc's buffer in front of the decoder: only to
+    measure what aiortc#543 does to a call (bench/latency.py).
 
     Call after `setRemoteDescription` (the answerer's transceivers are created
     there) and before media flows; calling again is harmless.
@@ -428,7 +433,8 @@ def install_receive_path(
     buffers = []
     for t in pc.getTransceivers():
         if t.kind == "audio":
-            buffers.append(bypass_jitter_buffer(t.receiver))
+            if not aiortc_jitter_buffer:
+                buffers.append(bypass_jitter_buffer(t.receiver))
             inline_decode(t.receiver, mono_opus=mono_opus, opus_fec=opus_fec, as_frames=as_frames)
     return buffers
 
