@@ -62,6 +62,7 @@ def quality(messages: list[Any], device: str) -> list[dict[str, Any]]:
     return [m.json() for m in messages if m.topic.startswith(prefix) and "/quality" in m.topic]
 
 
+@pytest.mark.timeout(120)  # its own waits add up to 80 s on a loaded machine (5 s idle)
 async def test_injected_loss_lowers_mos_fires_mos_and_loss_alerts_and_resolves_them(
     tmp_path: Path,
     broker: Any,
