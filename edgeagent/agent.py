@@ -825,8 +825,9 @@ class Agent:
         """Run until stopped; returns the process exit code."""
         root = logging.getLogger()
         root.addHandler(self.log_ring)
-        root.addHandler(self.crumb_handler)
         loop = asyncio.get_running_loop()
+        self.crumb_handler.bind_loop(loop)
+        root.addHandler(self.crumb_handler)
         if self.seams.install_crash_hooks:
             self.crash_guard.start()
             self.crash_guard.install_loop_handler(

@@ -65,13 +65,18 @@ class SessionCounter:
             self.value = 0
 
     def next(self) -> int:
+        """The next CONNECT's value, persisted; kept in memory if it cannot be written
+        (the state directory gone), so the link still connects."""
         self.value += 1
         tmp = self._path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(self.value))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._path)
+        try:
+            with open(tmp, "w") as f:
+                f.write(str(self.value))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path)
+        except OSError as exc:
+            logger.error("session counter %s not persisted: %s", self._path, exc)
         return self.value
 
 

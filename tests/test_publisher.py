@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import random
+import shutil
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
@@ -306,3 +307,28 @@ def test_a_message_the_full_spool_cannot_store_is_counted_not_raised(tmp_path: P
         assert publisher.spool_bytes(TOPICS.events, lambda seq: b"x" * 200_000) is None
         assert publisher.unstored == 1
         assert publisher.spool_bytes(TOPICS.events, lambda seq: str(seq).encode()) == 1
+
+
+def test_a_state_directory_removed_under_the_agent_costs_messages_not_exceptions(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    with Spool(state / "spool.db") as spool:
+        publisher = make_publisher(LinkTwin(), spool, window=4)
+        assert publisher.spool_bytes(TOPICS.events, lambda seq: str(seq).encode()) == 1
+        shutil.rmtree(state)
+        for i in range(3):  # whatever sqlite manages without its directory: never a raise
+            publisher.event("warning", "test", f"after the directory went {i}")
+        assert publisher.unstored + spool.stats().next_seq - 2 == 3
+
+
+def test_the_session_counter_goes_on_in_memory_without_its_directory(tmp_path: Path) -> None:
+    from edgeagent.mqtt import SessionCounter
+
+    state = tmp_path / "state"
+    state.mkdir()
+    counter = SessionCounter(state / "session")
+    assert counter.next() == 1
+    shutil.rmtree(state)
+    assert counter.next() == 2  # the link can still CONNECT with a Will of this session

@@ -93,6 +93,7 @@ async def offer_and_wait(
         call_id=call_id,
         ts=time.time(),
         sdp=SDP,
+        traceparent=sig.new_traceparent(),
         token=token,
     )
     start = len(c.messages)  # only what follows this offer (a call_id may come twice)
@@ -169,6 +170,7 @@ async def test_a_signed_device_refuses_offers_without_a_good_token(
                 call_id="c-good",
                 ts=time.time(),
                 sdp=SDP,
+                traceparent=sig.new_traceparent(),
                 token=good,
             ).payload,
             qos=1,

@@ -116,7 +116,9 @@ def test_parse_thermal_temp(text: str, expected: float) -> None:
     assert parse_thermal_temp(text) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("text", ["", "\n", "n/a", "48.3", "0x1000"])
+@pytest.mark.parametrize(
+    "text", ["", "\n", "n/a", "48.3", "0x1000", "1" + "0" * 400, "9999999", "-300000"]
+)
 def test_parse_thermal_temp_rejects_garbage(text: str) -> None:
     assert parse_thermal_temp(text) is None
 
@@ -576,3 +578,18 @@ def test_metrics_fields_match_protocol(tmp_path: Path) -> None:
         assert isinstance(nic["rx_bytes"], int)
     # The payload builder serialises it as JSON as is.
     assert json.loads(json.dumps(fields)) == fields
+
+
+def test_a_fifo_or_an_endless_file_in_the_tree_neither_blocks_nor_floods(tmp_path: Path) -> None:
+    """A sysfs attribute is a page at most: a FIFO (a wedged driver's stand-in) must not
+    block the sampler, and a huge file is read only so far."""
+    root = tmp_path / "root"
+    zone(root, 0, "cpu-thermal", "47000")
+    fifo = root / THERMAL / "thermal_zone1" / "temp"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)
+    write(root, THROTTLED, "50005\n" + " " * 1_000_000)
+    reader = SystemReader(sysfs_root=root, disk_path=tmp_path, vcgencmd=None)
+    s = reader.sample()  # returns: the FIFO has no writer and is read without blocking
+    assert s.thermal_zones == {"cpu-thermal": 47.0}
+    assert s.throttled is not None and s.throttled.raw == 0x50005

@@ -88,6 +88,17 @@ def test_notify_without_socket_returns_false(monkeypatch: pytest.MonkeyPatch) ->
     assert notify("READY=1") is False
 
 
+@pytest.mark.parametrize("where", ["/run/no/such/notify", "@no-such-abstract-socket"])
+def test_notify_to_a_socket_that_is_not_there_returns_false(
+    monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A stale NOTIFY_SOCKET (a unit file copied by hand, a test runner) used to raise out
+    of the first STATUS= and stop the agent."""
+    monkeypatch.setenv("NOTIFY_SOCKET", where)
+    assert notify("STATUS=idle") is False
+    assert notify("WATCHDOG=1") is False
+
+
 async def test_ready_status_stopping_arrive_exactly(notify_socket: socket.socket) -> None:
     wd = Watchdog(notify, None, SystemClock())
     assert wd.ready() is True

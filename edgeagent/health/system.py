@@ -117,12 +117,18 @@ def _round(value: float | None, ndigits: int) -> float | None:
 
 
 def parse_thermal_temp(text: str) -> float | None:
-    """`thermal_zone*/temp` content (millidegrees Celsius) -> °C; None if not a number."""
+    """`thermal_zone*/temp` content (millidegrees Celsius) -> °C; None if not a number
+    or not a temperature (a driver returning garbage must not raise, e.g. an int too
+    large for a float)."""
+    value = text.strip()
+    if len(value) > 9:  # beyond +-99999 °C in millidegrees: not a reading
+        return None
     try:
-        milli = int(text.strip())
+        milli = int(value)
     except ValueError:
         return None
-    return milli / 1000.0
+    celsius = milli / 1000.0
+    return celsius if -273.0 <= celsius <= 1000.0 else None
 
 
 def decode_throttled(value: int) -> Throttled:

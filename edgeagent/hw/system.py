@@ -7,6 +7,7 @@ from a worker thread, e.g. `await asyncio.to_thread(reader.sample)`.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -43,6 +44,7 @@ VCGENCMD_TIMEOUT_S = 1.0
 # vcgencmd failures are nearly always permanent (not in the video group, no
 # firmware mailbox); stop paying for the subprocess after this many in a row.
 VCGENCMD_MAX_FAILURES = 3
+MAX_SYSFS_BYTES = 4096  # a sysfs attribute is one page at most
 
 _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
@@ -118,14 +120,21 @@ class SystemReader:
     # -- files under the root ------------------------------------------------
 
     def _read_text(self, rel: str, key: str) -> str | None:
+        """At most 4 KiB of a sysfs/procfs file, never blocking (a FIFO or a wedged
+        driver there must not stall the sampler)."""
         path = self._root / rel
         try:
-            return path.read_text(encoding="utf-8", errors="replace")
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                data = os.read(fd, MAX_SYSFS_BYTES)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             return None
         except OSError as exc:
             self._warn(key, "health: cannot read %s: %s", path, exc)
             return None
+        return data.decode("utf-8", errors="replace")
 
     def _thermal_zones(self) -> dict[str, float]:
         base = self._root / THERMAL_DIR
@@ -142,7 +151,9 @@ class SystemReader:
                 continue
             temp = parse_thermal_temp(text)
             if temp is None:
-                self._warn(f"thermal:{zone.name}", "health: bad temperature %r in %s", text, zone)
+                self._warn(
+                    f"thermal:{zone.name}", "health: bad temperature %r in %s", text[:40], zone
+                )
                 continue
             kind = (self._read_text(f"{rel}/type", f"thermal-type:{zone.name}") or "").strip()
             name = kind or zone.name
@@ -159,7 +170,7 @@ class SystemReader:
             return None
         value = parse_throttled_text(text)
         if value is None:
-            self._warn("throttled-parse", "health: unrecognised throttled value %r", text)
+            self._warn("throttled-parse", "health: unrecognised throttled value %r", text[:40])
             return None
         return decode_throttled(value)
 

@@ -29,9 +29,20 @@ _RESERVED = frozenset(
 )
 
 
+_notify_failed = False
+
+
 def notify(state: str) -> bool:
-    """Send one sd_notify message ("READY=1", "WATCHDOG=1", "STATUS=..."); False if no socket."""
-    return bool(daemon.notify(state))
+    """Send one sd_notify message ("READY=1", "WATCHDOG=1", "STATUS=..."); False if no
+    socket, or if NOTIFY_SOCKET names one that is not there (said once, never raised)."""
+    global _notify_failed
+    try:
+        return bool(daemon.notify(state))
+    except OSError as exc:
+        if not _notify_failed:
+            _notify_failed = True
+            logger.warning("systemd: cannot notify %s: %s", os.environ.get("NOTIFY_SOCKET"), exc)
+        return False
 
 
 def watchdog_interval_s(

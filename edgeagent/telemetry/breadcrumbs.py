@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -62,7 +65,10 @@ class CrumbLogHandler(logging.Handler):
     `sink` (the event streamer) receives our own records at `stream_level` and
     above, and third-party records only from ERROR up (libraries log chatty
     warnings while the broker is away). A record emitted while the sink runs is
-    not fed back into it.
+    not fed back into it. With a loop bound (`bind_loop`), records logged on other
+    threads (the device sampler, exporters) reach the sink on that loop: the sink
+    writes the spool, which belongs to the loop's thread. The sink failing is
+    reported like any handler error, never raised into the code that logged.
     """
 
     def __init__(
@@ -77,6 +83,12 @@ class CrumbLogHandler(logging.Handler):
         self._sink = sink
         self._stream_level = stream_level
         self._busy = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Stream through `loop` from now on; call on the loop's own thread."""
+        self._loop, self._loop_thread = loop, threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -92,16 +104,28 @@ class CrumbLogHandler(logging.Handler):
             return
         self._crumbs.add(crumb)
         if (
-            self._sink is not None
-            and record.levelno >= self._stream_level
-            and (record.name.startswith("edgeagent") or record.levelno >= logging.ERROR)
-            and not self._busy
+            self._sink is None
+            or record.levelno < self._stream_level
+            or not (record.name.startswith("edgeagent") or record.levelno >= logging.ERROR)
         ):
-            self._busy = True
-            try:
-                self._sink(crumb)
-            finally:
-                self._busy = False
+            return
+        loop = self._loop
+        if loop is not None and threading.get_ident() != self._loop_thread:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: a crumb only
+                loop.call_soon_threadsafe(self._stream, crumb, record)
+            return
+        self._stream(crumb, record)
+
+    def _stream(self, crumb: Crumb, record: logging.LogRecord) -> None:
+        if self._sink is None or self._busy:
+            return
+        self._busy = True
+        try:
+            self._sink(crumb)
+        except Exception:  # noqa: BLE001 - logging must never raise into its caller
+            self.handleError(record)
+        finally:
+            self._busy = False
 
 
 class LogRing(logging.Handler):

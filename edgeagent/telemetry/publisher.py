@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -107,7 +108,7 @@ class Publisher:
     def _put(self, topic: str, build: Callable[[int], bytes], retain: bool) -> int | None:
         try:
             seq = self._spool.put(topic, build, retain=retain)
-        except SpoolFull as exc:
+        except (SpoolFull, sqlite3.Error, OSError) as exc:  # the store is unusable now
             self.unstored += 1
             logger.error("telemetry: %s not stored: %s", topic, exc)
             return None

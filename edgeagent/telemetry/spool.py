@@ -716,4 +716,11 @@ class Spool:
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def _real_disk_free_mb(self) -> float:
-        return shutil.disk_usage(self.path.parent).free / (1024 * 1024)
+        """Free space where the store lives; infinite (no disk cap) if it cannot be read,
+        e.g. the state directory was removed under a running agent."""
+        try:
+            return shutil.disk_usage(self.path.parent).free / (1024 * 1024)
+        except OSError as exc:
+            if DropReason.DISK not in self._warned:
+                logger.warning("spool %s: free space unknown (%s)", self.path, exc)
+            return float("inf")
