@@ -332,3 +332,34 @@ def test_the_session_counter_goes_on_in_memory_without_its_directory(tmp_path: P
     assert counter.next() == 1
     shutil.rmtree(state)
     assert counter.next() == 2  # the link can still CONNECT with a Will of this session
+
+
+async def test_a_publish_that_fails_on_a_live_link_is_retried_without_a_reconnect(
+    tmp_path: Path,
+) -> None:
+    """A PUBACK that timed out while keepalives keep the link up used to stop the drain
+    until the next reconnect, however long that took, with the spool filling."""
+    link = LinkTwin()
+    with Spool(tmp_path / "spool.db") as spool:
+        publisher = Publisher(
+            link,  # type: ignore[arg-type]
+            spool,
+            TOPICS,
+            Breadcrumbs(),
+            wall=lambda: 1_700_000_000.0,
+            monotonic=lambda: 0.0,
+            window=4,
+            retry_s=0.05,
+        )
+        seqs = put_seqs(publisher, 3)
+        link.up()
+        async with running(publisher):
+            await link.wait_calls(3)
+            link.puback(seqs[0])
+            link.fail(seqs[1])  # e.g. aiomqtt's publish timeout
+            link.puback(seqs[2])
+            await link.wait_calls(4)  # the link never went down
+            assert link.calls[3] == seqs[1]
+            link.puback(seqs[1])
+            await settle()
+            assert spool.stats().pending == 0

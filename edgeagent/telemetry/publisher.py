@@ -67,6 +67,7 @@ class Publisher:
         events_rate_per_s: float = 20.0,
         events_burst: int = 100,
         window: int = 32,
+        retry_s: float = 5.0,
     ) -> None:
         self._link = link
         self._spool = spool
@@ -74,6 +75,7 @@ class Publisher:
         self._crumbs = crumbs
         self._wall = wall
         self._window = window
+        self._retry_s = retry_s
         self._bucket = TokenBucket(events_rate_per_s, events_burst, monotonic)
         self._suppressed: dict[str, int] = {}
         self.unstored = 0  # messages the spool could not store (filesystem full)
@@ -238,15 +240,23 @@ class Publisher:
     # --- drain ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Drain the spool whenever the link is up, oldest first."""
+        """Drain the spool whenever the link is up, oldest first.
+
+        A failed publish pauses the drain until the link drops, or `retry_s` if it does
+        not (a PUBACK that timed out on a live connection): then it starts again from
+        the oldest unacked seq (QoS 1: the broker may see a message twice; seq tells)."""
         while True:
             await self._link.connected.wait()
-            await self._send_health()
+            health = asyncio.ensure_future(self._send_health())  # beside the drain
             try:
                 await self._drain()
             except BrokerUnavailable as exc:
                 logger.debug("publisher: drain paused: %s", exc)
-                await self._link.disconnected.wait()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._retry_s):
+                        await self._link.disconnected.wait()
+            finally:
+                await health
 
     async def _drain(self) -> None:
         """Keep up to `window` QoS 1 publishes in flight in seq order; ack as PUBACKs land.
