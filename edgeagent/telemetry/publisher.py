@@ -247,7 +247,7 @@ class Publisher:
         the oldest unacked seq (QoS 1: the broker may see a message twice; seq tells)."""
         while True:
             await self._link.connected.wait()
-            health = asyncio.ensure_future(self._send_health())  # beside the drain
+            await self._send_health()
             try:
                 await self._drain()
             except BrokerUnavailable as exc:
@@ -255,8 +255,6 @@ class Publisher:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._retry_s):
                         await self._link.disconnected.wait()
-            finally:
-                await health
 
     async def _drain(self) -> None:
         """Keep up to `window` QoS 1 publishes in flight in seq order; ack as PUBACKs land.
