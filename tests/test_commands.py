@@ -1137,3 +1137,22 @@ async def test_an_error_while_checking_a_request_answers_500_and_the_server_live
         t = rig.keys.token("ping")
         await publish_raw(broker.port, "ping", t)
         await expect_one(c, json_id(t), 200)
+
+
+async def test_the_broker_drops_a_megabytes_request_before_it_reaches_the_agent(
+    tmp_path: Path, broker: Any
+) -> None:
+    """MQTT 5 CONNECT carries Maximum Packet Size: a 2 MiB publish to a command topic
+    never lands in the agent's memory (a 16 KiB..1 MiB one still gets its 413)."""
+    async with (
+        make_rig(tmp_path, broker.port) as rig,
+        collector(broker.port, f"{TOPICS.root}/cmd-res/#", f"{TOPICS.root}/events") as c,
+    ):
+        await publish_raw(broker.port, "ping", b"x" * (2 * 1024 * 1024))
+        await publish_raw(broker.port, "ping", b"x" * (100 * 1024))
+        t = rig.keys.token("ping")
+        await publish_raw(broker.port, "ping", t)
+        await expect_one(c, json_id(t), 200)  # after the two above, in order
+        too_large = [r for r in finals(c.messages) if r["code"] == 413]
+        assert len(too_large) == 1  # the 100 KiB one; the 2 MiB one was dropped upstream
+        assert rig.link.connected.is_set()
