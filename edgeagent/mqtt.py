@@ -80,6 +80,18 @@ class SessionCounter:
         return self.value
 
 
+# Nothing the device subscribes to is near this (signals are refused above 64 KiB,
+# commands above 16 KiB, both answered); past it the broker drops the message instead
+# of a multi-megabyte publish landing in the agent's memory (MQTT 5 only).
+MAX_INBOUND_PACKET_BYTES = 1024 * 1024
+
+
+def _connect_properties() -> Properties:
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.MaximumPacketSize = MAX_INBOUND_PACKET_BYTES
+    return props
+
+
 def backoff_delays(min_s: float, max_s: float, rng: random.Random) -> Any:
     """Capped exponential backoff with jitter: each delay in [d/2, d], d doubling to max."""
     delay = min_s
@@ -286,6 +298,7 @@ class BrokerLink:
             # Call signaling is a few small writes each way: with Nagle on, each waits
             # for the peer's delayed ACK (~40 ms a hop; bench/setup_phases.py).
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            properties=_connect_properties() if self.v5 else None,
         )
         _on_socket_close(client, lambda: socket_failed("connection closed by the peer"))
         # aiomqtt warns on every publish while more than this many await their PUBACK;

@@ -363,3 +363,35 @@ async def test_a_publish_that_fails_on_a_live_link_is_retried_without_a_reconnec
             link.puback(seqs[1])
             await settle()
             assert spool.stats().pending == 0
+
+
+def test_an_event_storm_streams_at_the_configured_rate_summaries_included(
+    tmp_path: Path,
+) -> None:
+    """1000 warnings a second for 10 s at 20/s with a burst of 100: what is spooled
+    (events and the 'over the rate limit' summaries) stays within burst + rate x time,
+    and every suppressed event is counted in a summary."""
+    now = [0.0]
+    with Spool(tmp_path / "spool.db", max_messages=100_000) as spool:
+        publisher = Publisher(
+            LinkTwin(),  # type: ignore[arg-type]
+            spool,
+            TOPICS,
+            Breadcrumbs(),
+            wall=lambda: 1_700_000_000.0,
+            monotonic=lambda: now[0],
+            events_rate_per_s=20.0,
+            events_burst=100,
+        )
+        for i in range(10_000):
+            now[0] = i / 1000
+            publisher.event("warning", "test.storm", f"w{i}")
+        docs = [json.loads(e.payload) for e in spool.pending(limit=100_000)]
+    assert len(docs) <= 100 + 20 * 10 + 1
+    streamed = sum(1 for d in docs if d["category"] == "test.storm")
+    counted = sum(
+        d["data"]["suppressed"].get("test.storm", 0)
+        for d in docs
+        if d["category"] == "telemetry.rate_limit"
+    )
+    assert streamed + counted + sum(publisher._suppressed.values()) == 10_000

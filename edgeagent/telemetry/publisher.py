@@ -140,8 +140,8 @@ class Publisher:
         if limited and not self._bucket.take():
             self._suppressed[category] = self._suppressed.get(category, 0) + 1
             return None
-        if self._suppressed:
-            self._flush_suppressed()
+        if self._suppressed and (not limited or self._bucket.take()):
+            self._flush_suppressed()  # it takes a token too: a storm stays at the rate
         return self.spool(
             self._topics.events,
             lambda seq: p.Event(
