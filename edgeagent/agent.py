@@ -143,6 +143,7 @@ class Agent:
             durability=cfg.storage.durability,
             clock=self.clock.time,
             boot_id=self.boot_id,
+            monotonic=self.clock.monotonic,
         )
         self.link = BrokerLink(
             cfg.mqtt,

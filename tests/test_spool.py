@@ -572,3 +572,22 @@ def test_a_message_that_cannot_fit_raises_spool_full_and_takes_no_seq(tmp_path: 
             spool.put(TOPIC, lambda seq: event(seq) + b" " * 200_000)
         spool._db.execute("PRAGMA max_page_count = 1073741823")
         assert spool.put(TOPIC, event) == 2  # no gap: the refused message had no seq
+
+
+def test_a_wall_clock_step_keeps_message_ages_true(tmp_path: Path) -> None:
+    """A Pi without an RTC boots at its last shutdown time and NTP steps it forward:
+    what was spooled just before the step is not 8 days old."""
+    wall, mono = Now(), Now()
+    with open_spool(tmp_path / "s.db", max_age_s=7 * 86400.0, clock=wall, monotonic=mono) as spool:
+        for _ in range(5):
+            spool.put(TOPIC, event)
+        wall.t += 60 + 8 * 86400  # NTP's step after a week and a day powered off
+        mono.t += 60
+        spool.put(TOPIC, event)
+        assert seqs(spool) == [1, 2, 3, 4, 5, 6]
+        assert spool.take_drop_reports() == []
+        wall.t += 7 * 86400 + 1  # and real time passing still ages them out
+        mono.t += 7 * 86400 + 1
+        spool.enforce_caps()
+        assert seqs(spool) == []
+        assert spool.take_drop_reports() == [DropReport(1, 6, 6, DropReason.AGE)]

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
+# A wall-clock jump this large against the monotonic clock is a step (NTP, an operator),
+# not drift: stored timestamps follow it (`_follow_clock_steps`).
+CLOCK_STEP_S = 60.0
 # Seqs reserved in the sidecar per write: one fsync'd file write per this many puts.
 _SEQ_BLOCK = 10_000
 # SQLite primary result codes meaning "this file is damaged".
@@ -166,6 +169,7 @@ class Spool:
         clock: Callable[[], float] = time.time,
         disk_free_mb: Callable[[], float] | None = None,
         boot_id: str = "",
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         """`boot_id`: the kernel's boot id (edgeagent.hw.system.boot_id); with it, a store
         left open by a power loss is told apart from a process crash (see the module doc)."""
@@ -178,6 +182,9 @@ class Spool:
         self.min_free_mb = min_free_mb
         self._synchronous = "FULL" if durability == "full" else "NORMAL"
         self._clock = clock
+        # With `monotonic`, stored timestamps follow wall-clock steps (`_follow_clock_steps`).
+        self._monotonic = monotonic
+        self._wall_offset = clock() - monotonic() if monotonic else 0.0
         self._disk_free_mb = disk_free_mb or self._real_disk_free_mb
         self._sidecar = self.path.with_name(self.path.name + ".seq")
         self._boot_id = boot_id
@@ -209,6 +216,7 @@ class Spool:
 
         On a full filesystem the oldest quarter is dropped (reason `disk`) and the put
         tried once more; SpoolFull if it still does not fit."""
+        self._guard(self._follow_clock_steps)  # before this message's stamp is stored
         try:
             seq = self._guard(lambda: self._put(topic, build, retain))
         except (sqlite3.OperationalError, OSError) as exc:
@@ -604,7 +612,32 @@ class Spool:
 
     # -- caps ---------------------------------------------------------------
 
+    def _follow_clock_steps(self) -> None:
+        """Shift stored timestamps by a wall-clock step, so ages stay true.
+
+        A Pi without a real-time clock starts from the time it last shut down and NTP
+        steps it forward later, by days after a long power-off: messages spooled before
+        the step would look that much older and the age cap would drop them at once."""
+        if self._monotonic is None:
+            return
+        offset = self._clock() - self._monotonic()
+        step = offset - self._wall_offset
+        if abs(step) < CLOCK_STEP_S:
+            return
+        self._wall_offset = offset
+        if not self._count:
+            return
+        logger.info("spool %s: wall clock stepped %+.0f s; message ages kept", self.path, step)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("UPDATE messages SET created_ts = created_ts + ?", (step,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
     def _enforce_caps(self) -> None:
+        self._follow_clock_steps()
         if self._count > self.max_messages:
             self._drop(self._oldest(self._count - self.max_messages), DropReason.COUNT)
         if self._bytes > self.max_bytes:
