@@ -316,7 +316,9 @@ async def test_a_signed_echo_peer_answers_only_signed_offers(
         "dev-k",
         alsa,
         mic=tone(700, 20),
-        extra=signed_security(keys, call_key=True),
+        # The echo of its own tone is AEC3's render: cancelling it from the mic as the
+        # canceller converges would distort what is echoed back (not this test's point).
+        extra=signed_security(keys, call_key=True) + "[audio.aec]\nenabled = false\n",
     )
     async with collector(broker.port, "edge/v1/#") as c, echo_peer(cfg_e) as echo:
         async with running(cfg_a) as a:  # signed itself, but without a call key
