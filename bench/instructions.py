@@ -300,28 +300,35 @@ def time_stage(stage: str, frames: int, passes: int = 3) -> float:
     return best
 
 
-def time_paced(stages: list[str], seconds: float, period_s: float = 0.02) -> float:
+def time_paced(
+    stages: list[str], seconds: float, period_s: float = 0.02, per_tick: int = 1
+) -> float:
     """Thread time of one frame of all `stages` together, one frame per `period_s`, in µs.
+
+    `per_tick` > 1 runs that many frames back to back at each wake-up (a capture
+    period of `per_tick` x 20 ms): what batching would save, at `per_tick - 1` x 20 ms
+    more latency.
 
     What a call does: the stages run once per 20 ms tick and the thread sleeps in
     between, so their code and data are no longer in the caches when the next tick
     comes. On the development VM that about doubles their cost against `time_stage`'s
     back-to-back frames (encode: 640 against 250-300 µs a frame).
     """
-    frames = round(seconds / period_s)
-    warm = round(1.0 / period_s)
+    frames = round(seconds / period_s) // per_tick * per_tick
+    warm = round(1.0 / period_s) // per_tick * per_tick
     data = speech_frames(warm + frames)
     steps = [BUILDERS[stage](data) for stage in stages]
     spent = 0.0
     next_at = time.monotonic()
-    for i in range(warm + frames):
-        if i == warm:
+    for tick in range(0, warm + frames, per_tick):
+        if tick == warm:
             spent = 0.0
         start = time.thread_time()
-        for step in steps:
-            step(i)
+        for i in range(tick, tick + per_tick):
+            for step in steps:
+                step(i)
         spent += time.thread_time() - start
-        next_at += period_s
+        next_at += period_s * per_tick
         time.sleep(max(0.0, next_at - time.monotonic()))
     return spent / frames * 1e6
 
@@ -341,7 +348,7 @@ def parse_paced(out: str) -> float | None:
     return float(found[-1][2]) if found else None
 
 
-def print_times(stages: list[str], frames: int, paced_s: float = 0.0) -> None:
+def print_times(stages: list[str], frames: int, paced_s: float = 0.0, per_tick: int = 1) -> None:
     """`--time`: µs per frame and ms per call-second of each stage, one `TIME` line each;
     with `paced_s`, then all of them together at 20 ms intervals, one `PACED` line."""
     print(f"CPU time per 20 ms frame, best of 3 passes of {frames} frames (thread time)")
@@ -349,9 +356,14 @@ def print_times(stages: list[str], frames: int, paced_s: float = 0.0) -> None:
         us = time_stage(stage, frames)
         print(f"TIME {stage:<10} {us:8.1f} us/frame {us * 50 / 1000:7.2f} ms per call-second")
     if paced_s > 0:
-        us = time_paced(stages, paced_s)
+        us = time_paced(stages, paced_s, per_tick=per_tick)
         name = "+".join(stages)
-        print(f"one frame of each every 20 ms for {paced_s:.0f} s (thread time)")
+        every = (
+            f"{per_tick} frames of each every {20 * per_tick} ms"
+            if per_tick > 1
+            else ("one frame of each every 20 ms")
+        )
+        print(f"{every} for {paced_s:.0f} s (thread time)")
         print(f"PACED {name} {us:8.1f} us/frame {us * 50 / 1000:7.2f} ms per call-second")
 
 
@@ -376,6 +388,12 @@ def main() -> None:
         default=0.0,
         help="with --time: also run the stages together every 20 ms for this long",
     )
+    parser.add_argument(
+        "--per-tick",
+        type=int,
+        default=1,
+        help="with --paced-s: frames run back to back per wake-up (default 1)",
+    )
     parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--prepared", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -383,7 +401,7 @@ def main() -> None:
         run_child(args.child, args.frames, max(args.prepared, WARMUP + args.frames + 5))
         return
     if args.time:
-        print_times(args.stage or list(STAGES), args.frames, args.paced_s)
+        print_times(args.stage or list(STAGES), args.frames, args.paced_s, args.per_tick)
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed")
