@@ -163,6 +163,17 @@ def _connack_refusal(client: aiomqtt.Client) -> BaseException | None:
     return None
 
 
+def _close_socket(client: aiomqtt.Client) -> None:
+    """Close the socket of a CONNECT that failed (timed out, cancelled): aiomqtt leaves
+    it to the garbage collector, and a broker that accepts but never answers would
+    otherwise collect a connection per attempt. Reaches into aiomqtt's paho client."""
+    paho = getattr(client, "_client", None)
+    reset = getattr(paho, "_reset_sockets", None)  # closes and forgets them, as paho does
+    if callable(reset):
+        with contextlib.suppress(OSError):
+            reset()
+
+
 def _on_socket_close(client: aiomqtt.Client, closed: Callable[[], None]) -> None:
     """Also call `closed` (on the loop) when paho closes the socket.
 
@@ -180,7 +191,9 @@ def _on_socket_close(client: aiomqtt.Client, closed: Callable[[], None]) -> None
 
     def on_close(c: Any, userdata: Any, sock: Any) -> None:
         inner(c, userdata, sock)
-        loop.call_soon_threadsafe(closed)
+        # paho also closes from its __del__, perhaps after the loop has closed.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(closed)
 
     paho.on_socket_close = on_close
 
@@ -349,6 +362,8 @@ class BrokerLink:
                 enter.cancel()
                 with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                     await enter
+            if enter.cancelled() or enter.exception() is not None:
+                _close_socket(client)
         if enter.cancelled():
             refused = _connack_refusal(client)
             if refused is not None:

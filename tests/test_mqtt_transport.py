@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import ipaddress
 import json
 import logging
@@ -444,3 +445,35 @@ async def test_peer_closing_before_connack_fails_the_attempt_at_once(
     # Once per reason, not once per attempt (each WARNING is also a spooled event).
     assert len(warnings) <= 3, warnings
     assert len(set(warnings)) == len(warnings)
+
+
+async def test_a_peer_that_never_answers_connect_is_left_with_no_open_connections(
+    tmp_path: Path,
+) -> None:
+    """Each attempt's socket is closed when the CONNECT times out, not when the garbage
+    collector finds it: a silent peer used to hold a dozen established connections."""
+    open_now: set[asyncio.StreamWriter] = set()
+    most = 0
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal most
+        open_now.add(writer)
+        most = max(most, len(open_now))
+        try:
+            while await reader.read(4096):  # CONNECT arrives; never a CONNACK
+                pass
+        finally:
+            open_now.discard(writer)
+            writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gc.disable()  # the collector must not be what closes them
+        async with running_link(tmp_path, link_cfg(port, connect_timeout_s=0.3)) as link:
+            await assert_keeps_retrying(link, attempts=6)
+    finally:
+        gc.enable()
+        server.close()
+        await server.wait_closed()
+    assert most <= 2, most  # the one in progress (and one being closed)
