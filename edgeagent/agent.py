@@ -707,7 +707,7 @@ class Agent:
         call = self.calls_mgr.active
         session = call.session if call else None
         sample = session.record.samples[-1] if session and session.record.samples else None
-        system = self.system.sample().to_metrics_fields()
+        system = self.system.sample(quick=True).to_metrics_fields()  # on the loop: no subprocess
         return {
             "health": self.health.current().state,
             "broker": "up" if self.link.connected.is_set() else "down",

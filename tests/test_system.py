@@ -593,3 +593,20 @@ def test_a_fifo_or_an_endless_file_in_the_tree_neither_blocks_nor_floods(tmp_pat
     s = reader.sample()  # returns: the FIFO has no writer and is read without blocking
     assert s.thermal_zones == {"cpu-thermal": 47.0}
     assert s.throttled is not None and s.throttled.raw == 0x50005
+
+
+def test_a_quick_sample_runs_no_vcgencmd_and_reuses_the_last_throttled_word(
+    tmp_path: Path,
+) -> None:
+    """Snapshots sample on the event loop: no subprocess there (vcgencmd may take its
+    whole timeout), the throttled word comes from the last full sample."""
+    root = pi5_tree(tmp_path / "root")
+    vc = fake_vcgencmd(tmp_path, "throttled=0x50000")
+    reader = SystemReader(sysfs_root=root, disk_path=tmp_path, vcgencmd=str(vc))
+    assert reader.sample(quick=True).throttled is None  # nothing read yet
+    assert calls(tmp_path) == []
+    full = reader.sample()
+    assert full.throttled is not None and full.throttled.raw == 0x50000
+    quick = reader.sample(quick=True)
+    assert quick.throttled == full.throttled
+    assert calls(tmp_path) == ["get_throttled"]

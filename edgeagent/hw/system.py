@@ -79,6 +79,7 @@ class SystemReader:
         self._warn = _WarnOnce()
         self._vcgencmd = shutil.which(vcgencmd) if vcgencmd else None
         self._vcgencmd_timeout_s = vcgencmd_timeout_s
+        self._last_throttled: Throttled | None = None
         self._vcgencmd_failures = 0
         self._board_model: str | None = None
         self._proc: psutil.Process | None = None
@@ -93,8 +94,11 @@ class SystemReader:
 
     # -- the sample ------------------------------------------------------
 
-    def sample(self) -> SystemSample:
-        """Read everything once; unreadable parts come back as None / empty."""
+    def sample(self, *, quick: bool = False) -> SystemSample:
+        """Read everything once; unreadable parts come back as None / empty.
+
+        `quick`: for callers on the event loop (snapshots): files only, no `vcgencmd`
+        subprocess; the throttled word is then the last one read if sysfs has none."""
         zones = self._thermal_zones()
         wifi = self._wireless()
         mem_available, mem_total = self._memory()
@@ -109,7 +113,7 @@ class SystemReader:
             rss_mb=rss,
             temp_c=max(zones.values()) if zones else None,
             thermal_zones=zones,
-            throttled=self._throttled(),
+            throttled=self._throttled(quick),
             disk_free_mb=self._disk_free(),
             net=self._net(wifi),
             board_model=self.board_model(),
@@ -162,9 +166,11 @@ class SystemReader:
             zones[name] = temp
         return zones
 
-    def _throttled(self) -> Throttled | None:
+    def _throttled(self, quick: bool = False) -> Throttled | None:
         text = self._read_text(THROTTLED_FILE, "throttled")
         if text is None:
+            if quick:
+                return self._last_throttled
             text = self._run_vcgencmd()
         if text is None:
             return None
@@ -172,7 +178,8 @@ class SystemReader:
         if value is None:
             self._warn("throttled-parse", "health: unrecognised throttled value %r", text[:40])
             return None
-        return decode_throttled(value)
+        self._last_throttled = decode_throttled(value)
+        return self._last_throttled
 
     def _run_vcgencmd(self) -> str | None:
         if self._vcgencmd is None or self._vcgencmd_failures >= VCGENCMD_MAX_FAILURES:
