@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("version", help="print the version")
     echo = sub.add_parser("echo-peer", help="answer calls and send back what is heard")
     echo.add_argument("--config", "-c", type=Path, required=True)
+    stop = sub.add_parser(
+        "record-stop",
+        help="record why systemd stopped the agent (ExecStopPost=; reads SERVICE_RESULT)",
+    )
+    stop.add_argument("--state-dir", type=Path, default=Path("/var/lib/edgeagent"))
     return parser
 
 
@@ -240,7 +245,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_run(args.config, args.log_level, args.dial)
     if args.command == "echo-peer":
         return cmd_echo_peer(args.config)
+    if args.command == "record-stop":
+        return cmd_record_stop(args.state_dir)
     return EXIT_FAILURE
+
+
+def cmd_record_stop(state_dir: Path) -> int:
+    """systemd's ExecStopPost=: a watchdog kill, an OOM kill or a crash is written where the
+    next start's crash guard reads it, so its report says `watchdog` or the systemd result
+    instead of a bare signal. Never fails the unit: problems go to stderr (the journal)."""
+    from edgeagent.health.crashguard import record_stop_from_env
+
+    try:
+        record = record_stop_from_env(state_dir, os.environ)
+    except OSError as exc:
+        print(f"edgeagent record-stop: cannot write under {state_dir}: {exc}", file=sys.stderr)
+        return EXIT_OK
+    if record is not None:
+        print(f"edgeagent record-stop: {record['reason']} ({record['service_result']})")
+    return EXIT_OK
 
 
 def run_main() -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -346,7 +349,9 @@ def test_unit_file_verifies_cleanly(tmp_path: Path) -> None:
     # The real ExecStart does not exist on a test machine; everything else is checked as is.
     text = UNIT.read_text()
     lines = [
-        "ExecStart=/bin/true" if line.startswith("ExecStart=") else line
+        line.split("=", 1)[0] + "=/bin/true"
+        if line.startswith(("ExecStart=", "ExecStopPost="))
+        else line
         for line in text.splitlines()
     ]
     unit = tmp_path / "edgeagent.service"
@@ -356,3 +361,34 @@ def test_unit_file_verifies_cleanly(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip() == "", out.stderr  # unknown keys only warn, so fail on any output
+
+
+def test_exec_stop_post_records_why_systemd_stopped_the_agent(tmp_path: Path) -> None:
+    """The unit's ExecStopPost runs `edgeagent record-stop` on the state directory, and that
+    command writes systemd's result where the next start's crash guard reads it."""
+    unit = parse_unit(UNIT.read_text())
+    svc = unit["Service"]
+    (post,) = values(svc, "ExecStopPost")
+    state = "/var/lib/" + values(svc, "StateDirectory")[0]
+    assert post.split()[1:] == ["record-stop", "--state-dir", state]
+    env = {**os.environ, "SERVICE_RESULT": "watchdog", "EXIT_CODE": "dumped", "EXIT_STATUS": "ABRT"}
+    done = subprocess.run(
+        [sys.executable, "-m", "edgeagent", "record-stop", "--state-dir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "watchdog" in done.stdout
+    record = json.loads((tmp_path / "last_stop.json").read_text())
+    assert (record["reason"], record["exit_status"]) == ("watchdog", "ABRT")
+    env["SERVICE_RESULT"] = "success"  # a clean stop wrote its own record: nothing here
+    (tmp_path / "last_stop.json").unlink()
+    subprocess.run(
+        [sys.executable, "-m", "edgeagent", "record-stop", "--state-dir", str(tmp_path)],
+        env=env,
+        check=True,
+        timeout=60,
+    )
+    assert not (tmp_path / "last_stop.json").exists()
