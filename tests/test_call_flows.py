@@ -204,6 +204,11 @@ async def test_candidates_that_lead_nowhere_end_in_connect_timeout(
     closed = _closed(ev)
     assert closed["level"] == "warning"
     assert closed["data"]["end_reason"] == "connect_timeout"
+    # What ICE had, for the operator: candidates on both sides, and checks that never
+    # succeeded (the relay swallowed them), not just "not connected".
+    detail = closed["data"]["detail"]
+    assert detail.startswith("not connected after 2 s (local host x"), detail
+    assert "remote host x" in detail and "pairs: " in detail and "succeeded" not in detail
     # The timeout counts from the answer: 2 s, well before aioice gives up (~30 s).
     assert 2.0 <= closed["ts"] - ev[0]["ts"] < 6.0
     # Slow green blink for the whole dead attempt (it never got to solid), then the heartbeat.

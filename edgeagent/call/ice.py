@@ -308,6 +308,32 @@ def _fail_transport(transport: RTCIceTransport) -> None:
         transport._RTCIceTransport__setState("failed")  # type: ignore[attr-defined]
 
 
+def ice_progress(pc: RTCPeerConnection) -> str:
+    """What ICE had when a call gave up on it, for the operator: the local and remote
+    candidate types, and how the candidate pairs' checks stood, e.g.
+    "local host x1, relay x0; remote host x2, relay x1; pairs: 3 in progress, 2 failed"
+    (no relay among the local ones points at TURN; pairs that never succeed, at a path
+    that drops the checks). Reads aioice's connection; empty parts are left out."""
+    parts: list[str] = []
+    for conn, _ in _connections(pc):
+        for side, cands in (
+            ("local", getattr(conn, "local_candidates", [])),
+            ("remote", getattr(conn, "remote_candidates", [])),
+        ):
+            kinds: dict[str, int] = {}
+            for c in cands:
+                kinds[str(getattr(c, "type", "?"))] = kinds.get(str(getattr(c, "type", "?")), 0) + 1
+            shown = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())) or "none"
+            parts.append(f"{side} {shown}")
+        states: dict[str, int] = {}
+        for pair in getattr(conn, "_check_list", []):
+            name = str(getattr(getattr(pair, "state", None), "name", "?")).lower().replace("_", " ")
+            states[name] = states.get(name, 0) + 1
+        if states:
+            parts.append("pairs: " + ", ".join(f"{n} {k}" for k, n in sorted(states.items())))
+    return "; ".join(parts)
+
+
 def ice_failure(pc: RTCPeerConnection) -> str | None:
     """What gathering found wrong on `pc` (a refused TURN allocation, no candidates), if anything.
 

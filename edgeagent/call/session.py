@@ -29,6 +29,7 @@ from edgeagent.call import signaling as sig
 from edgeagent.call.ice import (
     ice_configuration,
     ice_failure,
+    ice_progress,
     restrict_host_addresses,
     without_stun,
 )
@@ -449,7 +450,12 @@ class CallSession:
             async with asyncio.timeout(timeout_s):
                 await asyncio.wait([connected, self._failed], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
         except TimeoutError:
-            raise CallEnded("connect_timeout", f"not connected after {timeout_s:.0f} s") from None
+            why = ice_failure(self.pc)
+            progress = ice_progress(self.pc)
+            detail = f"not connected after {timeout_s:.0f} s" + (f": {why}" if why else "")
+            raise CallEnded(
+                "connect_timeout", detail + (f" ({progress})" if progress else "")
+            ) from None
         finally:
             connected.cancel()
         if self._failed.done():
