@@ -31,6 +31,7 @@ from gpiozero.pins.mock import MockFactory
 from led_support import assert_led_states, traced
 from lossy_relay import Direction, lossy_link
 from schema_support import assert_valid
+from tcp_relay import TcpRelay
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -480,3 +481,26 @@ async def test_a_stall_that_ends_in_time_clears_and_the_call_goes_on(
     assert (mine["result"], mine["end_reason"]) == ("completed", "local_hangup")
     ev = _cats(call_events(c.messages, "dev-a", call.call_id))
     assert ev.count("call.media_stalled") == 1 and ev[-1] == "call.closed"
+
+
+async def test_an_offer_that_cannot_reach_the_broker_ends_the_call_signaling_unavailable(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """Dialled while the broker is unreachable: the call must not wait out answer_timeout
+    and then blame the far end ("no answer from X")."""
+    relay = TcpRelay(broker.port)
+    await relay.start()
+    try:
+        alsa = alsa_env(tmp_path, monkeypatch)
+        cfg_a = endpoint_config(tmp_path, relay.port, "dev-a", alsa, mic=tone(440, 10))
+        async with running(cfg_a) as a:
+            relay.set_open(False)
+            await asyncio.wait_for(a.link.disconnected.wait(), 10)
+            call = await a.calls_mgr.dial("dev-b")
+            await until(lambda: call.state == "ended", timeout=5)
+            assert (call.result, call.end_reason) == ("failed", "signaling_unavailable")
+            await until(lambda: a.calls_mgr.active is None, timeout=5)  # teardown done
+    finally:
+        await relay.stop()

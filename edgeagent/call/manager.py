@@ -466,14 +466,7 @@ class CallManager:
                 call.spans.begin_phase("signaling.offer")
                 session = await self._open_session(call)
                 offer_sdp = await session.create_offer()
-                self._send(
-                    "offer",
-                    call.peer,
-                    call.call_id,
-                    sdp=offer_sdp,
-                    traceparent=call.traceparent,
-                    token=token,
-                )
+                await self._send_offer(call, offer_sdp, token)
                 call.offer_sent.set()
                 call.spans.end_phase("signaling.offer")
             finally:
@@ -800,6 +793,27 @@ class CallManager:
             **fields,
         )
         self._spawn(self._publish(out, fields.get("traceparent")))
+
+    async def _send_offer(self, call: Call, sdp: str, token: str | None) -> None:
+        """Publish the offer and wait for the broker to take it: an offer that never left
+        ends the call `signaling_unavailable`, not `answer_timeout` (which would blame
+        the far end)."""
+        out = sig.build(
+            "offer",
+            prefix=self.topics.prefix,
+            me=self.cfg.device.id,
+            to=call.peer,
+            call_id=call.call_id,
+            ts=self.publisher.ts(),
+            sdp=sdp,
+            traceparent=call.traceparent,
+            token=token,
+        )
+        props = [("traceparent", call.traceparent)] if call.traceparent else None
+        try:
+            await self.link.publish(out.topic, out.payload, qos=1, user_properties=props)
+        except BrokerUnavailable as exc:
+            raise CallEnded("signaling_unavailable", f"offer not sent: {exc}") from None
 
     async def _publish(self, out: sig.Outbound, traceparent: str | None) -> None:
         props = [("traceparent", traceparent)] if traceparent else None
