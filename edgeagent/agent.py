@@ -249,6 +249,7 @@ class Agent:
         self._audio_fault = asyncio.Event()
         self.button: CallButton | None = None
         self.bus.subscribe(Noted, self._on_noted)
+        self._offline_since: float | None = None  # monotonic, while the broker is away
         self.bus.subscribe(BrokerConnected, lambda _e: self._set_online(True))
         self.bus.subscribe(BrokerDisconnected, lambda _e: self._set_online(False))
 
@@ -325,6 +326,22 @@ class Agent:
         await self.publisher.on_connected()
 
     def _set_online(self, online: bool) -> None:
+        now = self.clock.monotonic()
+        if not online:
+            if self._offline_since is None:
+                self._offline_since = now
+        elif self._offline_since is not None:
+            # One event for the outage, in its place in the stream (it is spooled like
+            # the rest): how long the broker was away and what waited meanwhile.
+            away = now - self._offline_since
+            self._offline_since = None
+            pending = self.spool.stats().pending
+            self.publisher.event(
+                "warning" if away >= 60 else "info",
+                "mqtt",
+                f"broker reachable again after {away:.0f} s; {pending} spooled messages to send",
+                data={"offline_s": round(away, 1), "pending": pending},
+            )
         self.health.set_online(online)
         self.publish_health()
 

@@ -130,6 +130,12 @@ async def test_storage_cap_drops_oldest_and_reports_the_range(
                 return seen if set(range(1, last + 1)) <= seen else None
 
             await c.wait_for(accounted, timeout=10)
+            back = await c.wait_for(
+                lambda ms: [m.json() for m in ms if m.json().get("category") == "mqtt"]
+            )
+            # One event says how long the broker was away and what waited meanwhile.
+            assert back[0]["message"].startswith("broker reachable again after ")
+            assert back[0]["data"]["offline_s"] > 0 and back[0]["data"]["pending"] >= 10
             drops = [m.json() for m in c.messages if m.json().get("category") == "spool"]
             assert drops[0]["level"] == "error"
             assert drops[0]["data"]["reason"] == "count"
