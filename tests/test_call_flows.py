@@ -261,6 +261,8 @@ async def test_inbound_media_dropped_mid_call_stalls_degrades_then_times_out(
     assert stalled["level"] == "warning" and 3.0 <= stalled["data"]["silent_s"] < 4.0
     closed = _closed(ev)
     assert closed["data"]["end_reason"] == "media_timeout"
+    # The relay dropped RTP only: the detail tells the operator RTCP still came through.
+    assert "RTCP reports from the far end still arrived" in closed["data"]["detail"]
     # Warned at 3 s of silence, hung up at 10 s: 7 s apart (the watch ticks every 0.5 s).
     assert 6.0 <= closed["ts"] - stalled["ts"] <= 8.5
     # Degraded from the stall until the call ended: the stats windows in between

@@ -195,7 +195,6 @@ class CallSession:
         self.rx_checks = FrameAnalyzer("playout")
         self.echo = EchoDetector("capture")
         self._rendered: deque[Samples] = deque(maxlen=50)  # playback thread -> loop
-        self._stalled = False  # no inbound audio for media_stall_warn_s (health degraded)
         self.track = MicrophoneTrack(self.capture, processor=self._process_capture)
         self.sink: RemoteAudioSink | None = None
         self.playback: AlsaPlayback | None = None
@@ -205,6 +204,7 @@ class CallSession:
         self._close_grace: asyncio.TimerHandle | None = None
         self._connected = asyncio.Event()
         self._stalled = False  # no inbound audio for media_stall_warn_s, not resumed yet
+        self._rtcp_heard_at: float | None = None  # the last stats window with an RTCP RR
         self._receive_buffers: list[Any] = []
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
@@ -493,7 +493,15 @@ class CallSession:
                 self.record.first_media_at = last
             silent_for = now - (last if last is not None else started)
             if silent_for >= cfg.media_stall_hangup_s:
-                raise CallEnded("media_timeout", f"no inbound audio for {silent_for:.0f} s")
+                detail = f"no inbound audio for {silent_for:.0f} s"
+                heard = self._rtcp_heard_at
+                if heard is not None and now - heard < silent_for:
+                    detail += (
+                        "; RTCP reports from the far end still arrived on the same path: it"
+                        " sends no audio (muted, capture or encoder stalled) or something"
+                        " between drops only RTP"
+                    )
+                raise CallEnded("media_timeout", detail)
             if silent_for >= cfg.media_stall_warn_s:
                 if not self._stalled:
                     self._stalled = True
@@ -514,6 +522,8 @@ class CallSession:
         if prev is None:
             return cur
         win = window(prev, cur)
+        if win.remote_loss_pct is not None:  # a receiver report about our audio came in
+            self._rtcp_heard_at = now
         depth = self.playout.depth_ms
         fec_sent = self._follow_remote_loss(win.remote_loss_pct)
         # Both directions carry Opus at our configured bitrate (our SDP asks the far
