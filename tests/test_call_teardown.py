@@ -74,3 +74,26 @@ async def test_an_error_in_one_of_aiortcs_own_tasks_ends_the_call_not_the_agent(
     assert (s[0]["result"], s[0]["end_reason"]) == ("failed", "error")
     closed = [e for e in events(c.messages, "dev-a") if e["category"] == "call.closed"]
     assert "RTCDtlsTransport.start" in closed[0]["data"]["detail"]
+
+
+async def test_device_alerts_that_fire_during_a_call_are_in_its_summary(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """A bad call on a throttled device says so in its own record, not only in a device
+    alert the operator has to line up with the call's times."""
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(700, 30))
+    cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa)
+    async with collector(broker.port, "edge/v1/#") as c, echo_peer(cfg_e), running(cfg_a) as a:
+        call = await a.calls_mgr.dial("echo")
+        await until(lambda: a.calls_mgr.active and a.calls_mgr.active.state == "active")
+        # What the alert engine reports for a device rule (edgeagent.agent._on_alert).
+        a.calls_mgr.note_alert("thermal_throttled", "firing", "warning", 1.0, None)
+        a.calls_mgr.note_alert("no_audio", "firing", "warning", 1.0, "another-call")
+        await a.calls_mgr.hangup()
+        s = await c.wait_for(lambda ms: summaries(ms, "dev-a"))
+    assert s[0]["call_id"] == call.call_id
+    assert "thermal_throttled" in s[0]["device_alerts"]
+    assert "no_audio" not in s[0]["device_alerts"]  # another call's alert is not this one's

@@ -219,10 +219,14 @@ class CallManager:
     def note_alert(
         self, name: str, state: str, severity: str, value: float | None, call_id: str | None
     ) -> None:
-        """A span event on the active call for an alert scoped to it (keeps its trace)."""
+        """A span event on the active call for an alert scoped to it (keeps its trace), or
+        for a device alert during it (throttling, memory, disk): the call's summary lists
+        the device alerts that fired while it ran."""
         call = self.active
-        if call is None or call_id != call.call_id:
+        if call is None or call_id not in (None, call.call_id):
             return
+        if call_id is None and state == "firing":
+            call.extra.setdefault("device_alerts", set()).add(name)
         attrs: dict[str, AttributeValue] = {"alert.name": name, "alert.severity": severity}
         if value is not None:
             attrs["alert.value"] = value
@@ -686,6 +690,7 @@ class CallManager:
             started_ts=round(call.started_wall, 3),
             playout=playout,
             opus=p.OpusSummary(**session.opus_summary()) if session else None,
+            device_alerts=sorted(call.extra.get("device_alerts", ())) or None,
         )
         self.publisher.spool(
             self.topics.summary(call.call_id),
@@ -779,6 +784,10 @@ class CallManager:
             self.clock.time(),
             spans=CallTracer(self.tracer),
         )
+        if self.alerts is not None:  # device alerts already firing when the call begins
+            firing = {c.name for c in self.alerts.firing() if c.call_id is None}
+            if firing:
+                call.extra["device_alerts"] = firing
         self.active = call
         return call
 

@@ -187,6 +187,9 @@ class Summary(_Payload):
     started_ts: float | None = None
     playout: dict[str, Any] | None = None
     opus: OpusSummary | None = None
+    # Device-scope alerts firing while the call ran (thermal_throttled, memory_low, ...):
+    # a bad call on a throttled device says so in its own record.
+    device_alerts: list[str] | None = None
 
 
 class Traces(_Payload):
