@@ -9,6 +9,7 @@ import gc
 import logging
 import os
 import platform
+import resource
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -250,6 +251,7 @@ class Agent:
         self.button: CallButton | None = None
         self.bus.subscribe(Noted, self._on_noted)
         self._offline_since: float | None = None  # monotonic, while the broker is away
+        self._last_mem_available_mb: float | None = None  # from the last heartbeat
         self.bus.subscribe(BrokerConnected, lambda _e: self._set_online(True))
         self.bus.subscribe(BrokerDisconnected, lambda _e: self._set_online(False))
 
@@ -501,6 +503,10 @@ class Agent:
             },
             "call_id": call.call_id if call else None,
             "trace_id": call.trace_id if call else None,
+            # For telling an OOM kill from others at the next start: peak RSS of this
+            # process, and memory left on the device at the last heartbeat.
+            "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "mem_available_mb": self._last_mem_available_mb,
         }
 
     def _contain_loop_error(self, exc: BaseException, task: asyncio.Task[Any] | None) -> bool:
@@ -782,6 +788,7 @@ class Agent:
         interval = self.cfg.telemetry.heartbeat_s
         while True:
             sample = await asyncio.to_thread(self.system.sample)
+            self._last_mem_available_mb = sample.mem_available_mb
             stats = self.spool.stats()
             self.leak.observe(self.clock.monotonic(), sample.rss_mb)
             fields = sample.to_metrics_fields()

@@ -97,3 +97,16 @@ async def test_device_alerts_that_fire_during_a_call_are_in_its_summary(
     assert s[0]["call_id"] == call.call_id
     assert "thermal_throttled" in s[0]["device_alerts"]
     assert "no_audio" not in s[0]["device_alerts"]  # another call's alert is not this one's
+
+
+async def test_the_crash_snapshot_carries_memory_figures_for_an_oom_diagnosis(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa)
+    async with running(cfg_a) as a:
+        snap = a.crash_snapshot()
+    assert snap["max_rss_mb"] > 20  # this process's peak, in MiB
+    assert "mem_available_mb" in snap  # the last heartbeat's (None before the first)
