@@ -600,15 +600,7 @@ class CallManager:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await self._publish(
-                        sig.build(
-                            "hangup",
-                            prefix=self.topics.prefix,
-                            me=self.cfg.device.id,
-                            to=call.peer,
-                            call_id=call.call_id,
-                            ts=self.publisher.ts(),
-                            reason=reason,
-                        ),
+                        self._signal("hangup", call.peer, call.call_id, reason=reason),
                         None,
                     )
         if call.session is not None:
@@ -791,8 +783,8 @@ class CallManager:
         self.active = call
         return call
 
-    def _send(self, kind: str, to: str, call_id: str, **fields: Any) -> None:
-        out = sig.build(
+    def _signal(self, kind: str, to: str, call_id: str, **fields: Any) -> sig.Outbound:
+        return sig.build(
             kind,
             prefix=self.topics.prefix,
             me=self.cfg.device.id,
@@ -801,22 +793,17 @@ class CallManager:
             ts=self.publisher.ts(),
             **fields,
         )
+
+    def _send(self, kind: str, to: str, call_id: str, **fields: Any) -> None:
+        out = self._signal(kind, to, call_id, **fields)
         self._spawn(self._publish(out, fields.get("traceparent")))
 
     async def _send_offer(self, call: Call, sdp: str, token: str | None) -> None:
         """Publish the offer and wait for the broker to take it: an offer that never left
         ends the call `signaling_unavailable`, not `answer_timeout` (which would blame
         the far end)."""
-        out = sig.build(
-            "offer",
-            prefix=self.topics.prefix,
-            me=self.cfg.device.id,
-            to=call.peer,
-            call_id=call.call_id,
-            ts=self.publisher.ts(),
-            sdp=sdp,
-            traceparent=call.traceparent,
-            token=token,
+        out = self._signal(
+            "offer", call.peer, call.call_id, sdp=sdp, traceparent=call.traceparent, token=token
         )
         props = [("traceparent", call.traceparent)] if call.traceparent else None
         try:
