@@ -194,8 +194,14 @@ def _level_at(edges: list[tuple[float, bool]], t: float) -> bool:
 
 
 def _within(edges: list[tuple[float, bool]], start: float, end: float) -> list[tuple[float, bool]]:
-    """The level at `start` followed by the edges inside (start, end)."""
-    return [(start, _level_at(edges, start)), *[(t, on) for t, on in edges if start < t < end]]
+    """The level at `start` followed by the edges inside (start, end).
+
+    Edges in the first EARLY_S after `start` count as the switch itself: on a loaded
+    machine the pin's own timestamp of the write `show()` made can land a few
+    microseconds after the trace noted `show()` returning. (Half the segment at most: a
+    state shown only briefly must not read the next one's level.)"""
+    settle = start + min(EARLY_S, max(0.0, end - start) / 2)
+    return [(start, _level_at(edges, settle)), *[(t, on) for t, on in edges if settle < t < end]]
 
 
 def _intervals(edges: list[tuple[float, bool]], start: float, end: float) -> tuple[Lit, ...]:
