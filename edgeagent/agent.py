@@ -14,6 +14,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -23,6 +24,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from edgeagent import __version__
 from edgeagent.call.calltest import run_call_test
 from edgeagent.call.ice import ignored_servers, stun_seen_down
+from edgeagent.call.ledger import OPEN_CALL, OpenCallLedger
 from edgeagent.call.manager import Call, CallManager, OfferCheck, OfferToken
 from edgeagent.call.offer_token import CALL_TOKEN_LIFETIME_S, OfferSigner, offer_check
 from edgeagent.clock import Clock, SystemClock
@@ -41,7 +43,7 @@ from edgeagent.health.alerts import (
     rules_from_config,
     system_metrics,
 )
-from edgeagent.health.crashguard import CrashGuard, CrashSettings
+from edgeagent.health.crashguard import CrashGuard, CrashSettings, read_json
 from edgeagent.health.heap import HeapTrimmer, glibc_malloc_trim
 from edgeagent.health.netwatch import CHECKS, LeakWatch, NetWatchSettings, NetworkWatch
 from edgeagent.health.state import HealthState
@@ -241,6 +243,7 @@ class Agent:
             alerts=self.alerts,
             stun_down=self._stun_seen_down,
             aiortc_jitter_buffer=self.seams.aiortc_jitter_buffer,
+            ledger=OpenCallLedger(state_dir / OPEN_CALL),
             tracer=(
                 self.tracer_provider.get_tracer("edgeagent.call", __version__)
                 if self.tracer_provider is not None
@@ -854,13 +857,16 @@ class Agent:
         self.crumb_handler.bind_loop(loop)
         root.addHandler(self.crumb_handler)
         if self.seams.install_crash_hooks:
-            self.crash_guard.start()
+            reports = self.crash_guard.start()
             self.crash_guard.install_loop_handler(
                 loop, on_crash=self._on_loop_crash, contain=self._contain_loop_error
             )
         else:
-            self.crash_guard.recover()
+            reports = self.crash_guard.recover()
+        crash = crash_of(reports)
         self.crash_guard.deliver(self.publisher, self.topics.crash)
+        # A call the previous run died in gets its summary now, naming the crash report.
+        self.calls_mgr.recover_open_call(crash)
         if self.seams.install_signal_handlers:
             for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
                 loop.add_signal_handler(sig, self.request_stop, name)
@@ -916,11 +922,21 @@ class Agent:
             self.crash_guard.stop(reason, clean=not self.crashed)
             self.crash_guard.disarm()
             self._stop_tracing()
+            self.calls_mgr.close()
             self.spool.close()
         if self.crashed:
             return 70
         # A requested restart exits non-zero so Restart=on-failure brings the agent back.
         return 75 if self.restart_requested else 0
+
+
+def crash_of(reports: list[Path]) -> tuple[str, str] | None:
+    """(crash_id, kind) of the newest crash report among `reports`, if one is readable."""
+    for path in sorted(reports, reverse=True):
+        doc = read_json(path)
+        if doc is not None and isinstance(doc.get("crash_id"), str):
+            return doc["crash_id"], str(doc.get("kind"))
+    return None
 
 
 def pin_factory_for(cfg: Config, given: Any) -> Any:

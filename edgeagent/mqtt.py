@@ -46,6 +46,7 @@ class Inbound:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     user_properties: tuple[tuple[str, str], ...] = ()
+    retain: bool = False  # a retained message the broker sent on subscribing
 
 
 InboundHandler = Callable[[Inbound], None]
@@ -163,6 +164,12 @@ def _connack_refusal(client: aiomqtt.Client) -> BaseException | None:
     return None
 
 
+def _granted(code: Any) -> bool:
+    """A SUBACK entry: a granted QoS (0-2; MQTT 3.1.1 int or MQTT 5 ReasonCode), not 0x80+."""
+    value = getattr(code, "value", code)
+    return isinstance(value, int) and value < 0x80
+
+
 def _close_socket(client: aiomqtt.Client) -> None:
     """Close the socket of a CONNECT that failed (timed out, cancelled): aiomqtt leaves
     it to the garbage collector, and a broker that accepts but never answers would
@@ -236,6 +243,31 @@ class BrokerLink:
     def subscribe(self, topic_filter: str, handler: InboundHandler) -> None:
         """Register a handler; (re)subscribed on every connect. Handlers must not block."""
         self._subs[topic_filter] = handler
+
+    async def watch(self, topic_filter: str, handler: InboundHandler) -> bool | None:
+        """`subscribe`, and on a live connection subscribe now too.
+
+        Returns whether the broker granted it now (False: refused, e.g. by its ACL), or
+        None when not connected (it is sent at the next connect)."""
+        self._subs[topic_filter] = handler
+        client = self._client
+        if client is None or not self.connected.is_set():
+            return None
+        try:
+            granted = await client.subscribe(topic_filter, qos=1)
+        except aiomqtt.MqttError as exc:
+            logger.info("mqtt: subscribing to %s failed: %s", topic_filter, exc)
+            return None
+        return all(_granted(g) for g in granted)
+
+    async def unwatch(self, topic_filter: str) -> None:
+        """Drop a subscription made with `watch`."""
+        if self._subs.pop(topic_filter, None) is None:
+            return
+        client = self._client
+        if client is not None and self.connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.unsubscribe(topic_filter)
 
     async def run(self) -> None:
         delays = backoff_delays(self._cfg.reconnect_min_s, self._cfg.reconnect_max_s, self._rng)
@@ -324,7 +356,7 @@ class BrokerLink:
             self._client = client
             self.session = session
             self.last_error = None
-            for topic_filter in self._subs:
+            for topic_filter in list(self._subs):  # `watch` may add one meanwhile
                 await client.subscribe(topic_filter, qos=1)
             await self._on_connected(session)
             self.connected.set()
@@ -388,6 +420,7 @@ class BrokerLink:
             response_topic=getattr(props, "ResponseTopic", None) if props else None,
             correlation_data=getattr(props, "CorrelationData", None) if props else None,
             user_properties=tuple(getattr(props, "UserProperty", ()) or ()) if props else (),
+            retain=bool(message.retain),
         )
         try:
             handler(inbound)

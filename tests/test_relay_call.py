@@ -146,7 +146,11 @@ async def test_relay_only_with_a_wrong_turn_password_fails_cleanly(
     assert "ice_failed" in reasons.values(), reasons
     for device, reason in reasons.items():
         if reason == "remote_hangup":
-            assert closed_events(c.messages, device)[-1]["detail"] == "ice_failed"
+            # The far end's reason, then what the broker says of it: present, so the
+            # fault is the path between them (here: no TURN allocation).
+            other = "dev-b" if device == "dev-a" else "dev-a"
+            detail = closed_events(c.messages, device)[-1]["detail"]
+            assert detail.startswith(f"ice_failed; {other} is online (connected at "), detail
         else:
             assert reason == "ice_failed", reasons
     # The log says why: our coturn refused the caller's TURN allocation.

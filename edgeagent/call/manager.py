@@ -27,7 +27,9 @@ from opentelemetry.util.types import AttributeValue
 
 from edgeagent.audio.checks import AudioIssueChanged
 from edgeagent.call import signaling as sig
+from edgeagent.call.ledger import OpenCallLedger
 from edgeagent.call.offer_token import token_mismatch
+from edgeagent.call.peers import PeerPresence, PeerStatus
 from edgeagent.call.session import CallEnded, CallSession, QualitySample
 from edgeagent.clock import Clock
 from edgeagent.config import Config
@@ -91,6 +93,12 @@ DELIBERATE_ENDS = frozenset(
 )
 
 
+LOST = "agent_lost"
+"""end_reason of a call the agent did not live to end (recovered at the next start)."""
+
+AGENT_SIDE_FAILURES = frozenset({"audio_device", "error", "signaling_unavailable", LOST})
+"""Failures of this end, where the far end's presence explains nothing."""
+
 OFFERS_REMEMBERED = 256
 """Offers whose duplicates are ignored; a redelivery comes within seconds of the first."""
 
@@ -115,8 +123,10 @@ class CallManager:
         tracer: trace.Tracer | None = None,
         stun_down: Callable[[], bool] | None = None,
         aiortc_jitter_buffer: bool = False,
+        ledger: OpenCallLedger | None = None,
     ) -> None:
-        """`stun_down`: whether the agent's probes see the (first) STUN server down now
+        """`ledger`: where the open call's would-be summary is kept (`edgeagent.call.ledger`).
+        `stun_down`: whether the agent's probes see the (first) STUN server down now
         (see `edgeagent.call.ice.stun_seen_down`); such calls gather without it.
         `aiortc_jitter_buffer`: see `CallSession` (benchmarks only)."""
         self.cfg = cfg
@@ -133,6 +143,10 @@ class CallManager:
         self.tracer: trace.Tracer = tracer or trace.NoOpTracer()
         self._stun_down = stun_down
         self._aiortc_jitter_buffer = aiortc_jitter_buffer
+        self._ledger = ledger
+        self.peers = PeerPresence(
+            link, topics.prefix, time_fn=clock.time, on_change=self._on_peer_status
+        )
         self.active: Call | None = None
         self.history: list[Call] = []
         # Offers already handled, oldest first: a QoS 1 redelivery is not a new call.
@@ -408,6 +422,85 @@ class CallManager:
         self._summary(call)
         call.spans.end_call("rejected", end_reason=call.end_reason)
 
+    def close(self) -> None:
+        """The agent stops: what the open-call record still has pending is written."""
+        if self._ledger is not None:
+            self._ledger.close()
+        self.peers.close()
+
+    def recover_open_call(self, crash: tuple[str, str] | None = None) -> p.Summary | None:
+        """Spool the summary of a call the previous run did not live to end.
+
+        `crash`: (crash_id, kind) of the report this start wrote about the previous run,
+        if any; the summary and its `call.closed` event name it. Returns the summary.
+        """
+        if self._ledger is None or (doc := self._ledger.take()) is None:
+            return None
+        try:
+            kept = msgspec.json.decode(doc, type=p.Summary)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            logger.warning("calls: the previous run's open call record is unusable: %s", exc)
+            self.publisher.event(
+                "warning",
+                "call.closed",
+                f"the previous run left an unusable open call record: {exc}",
+                data={"result": "failed", "end_reason": LOST, "recovered": True},
+            )
+            return None
+        crash_id, kind = crash if crash is not None else (None, None)
+        summary = msgspec.structs.replace(
+            kept,
+            ts=self.publisher.ts(),
+            device=self.cfg.device.id,
+            result="failed",
+            end_reason=LOST,
+            crash_id=crash_id,
+        )
+        last_alive = kept.ts
+        detail = (
+            f"the agent stopped before the call ended ({kind}, crash report {crash_id})"
+            if crash_id
+            else "the agent stopped before the call ended (no crash report about it)"
+        ) + (
+            "; it had not connected"
+            if summary.setup_ms is None
+            else f"; last recorded {summary.duration_s:.0f} s after it connected"
+        )
+        self.publisher.event(
+            "warning",
+            "call.closed",
+            f"call {summary.call_id}: call ended: failed ({LOST}: {detail})",
+            data={
+                "result": "failed",
+                "end_reason": LOST,
+                "detail": detail,
+                "recovered": True,
+                "crash_id": crash_id,
+                "last_recorded_ts": last_alive,
+            },
+            call_id=summary.call_id,
+            trace_id=summary.trace_id,
+        )
+        logger.warning("call %s: %s", summary.call_id, detail)
+        call = Call(
+            summary.call_id,
+            summary.direction,
+            summary.peer,
+            None,
+            self.clock.monotonic(),
+            summary.started_ts or last_alive,
+            result="failed",
+            end_reason=LOST,
+            state="ended",
+        )
+        self.history.append(call)
+        self._on_finished(call)
+        self.publisher.spool(
+            self.topics.summary(summary.call_id),
+            lambda seq: msgspec.structs.replace(summary, seq=seq),
+        )
+        return summary
+
     # --- call flows -----------------------------------------------------------------------
 
     async def _incoming(self, call: Call, offer: p.Signal) -> None:
@@ -559,6 +652,7 @@ class CallManager:
             f"connected in {call.setup_ms:.0f} ms",
             data={"setup_ms": call.setup_ms, "ice_local": local, "ice_remote": remote},
         )
+        self._note_open(call, durable=True)
         media = asyncio.ensure_future(self._announce_media(call, session))
         try:
             await session.run()
@@ -614,13 +708,22 @@ class CallManager:
         if self.active is call:
             self.active = None
         self._on_health(None, ())
+        data: dict[str, Any] = {"result": result, "end_reason": reason, "detail": detail}
+        if result == "failed" and reason not in AGENT_SIDE_FAILURES:
+            # Unanswered, never connected, media gone: what the broker says of the far
+            # end tells "it is down" from "the path between us is".
+            presence = self.peers.describe(call.peer)
+            detail = f"{detail}; {presence}" if detail else presence
+            status = self.peers.status(call.peer)
+            data["detail"] = detail
+            data["peer_status"] = status.to_dict() if status else None
         level: p.Level = "info" if result == "completed" else "warning"
         self._event(
             call,
             level,
             "call.closed",
             f"call ended: {result} ({reason}{': ' + detail if detail else ''})",
-            data={"result": result, "end_reason": reason, "detail": detail},
+            data=data,
         )
         logger.info("call %s: ended %s (%s)", call.call_id, result, reason)
         summary = self._summary(call)
@@ -637,6 +740,17 @@ class CallManager:
         self.history.append(call)
         del self.history[:-50]
         self._on_finished(call)
+        summary = self._build_summary(call)
+        self.publisher.spool(
+            self.topics.summary(call.call_id),
+            lambda seq: msgspec.structs.replace(summary, seq=seq),
+        )
+        if self._ledger is not None:
+            self._ledger.clear(call.call_id)
+        return summary
+
+    def _build_summary(self, call: Call) -> p.Summary:
+        """The call's summary as of now (an open call: `failed`/`agent_lost`)."""
         session = call.session
         samples = session.record.samples if session else []
         moses = [s.mos for s in samples if s.mos is not None]
@@ -658,7 +772,7 @@ class CallManager:
                 "max_depth_ms": round(st.max_depth_ms, 1),
                 "late_frames": st.late_frames,
             }
-        summary = p.Summary(
+        return p.Summary(
             v=1,
             device=self.cfg.device.id,
             ts=self.publisher.ts(),
@@ -667,8 +781,8 @@ class CallManager:
             trace_id=call.trace_id,
             direction=call.direction,  # type: ignore[arg-type]
             peer=call.peer,
-            result=call.result,  # type: ignore[arg-type]
-            end_reason=call.end_reason or "unknown",
+            result=call.result or "failed",  # type: ignore[arg-type]
+            end_reason=call.end_reason or LOST,
             setup_ms=call.setup_ms,
             duration_s=round(duration, 2),
             codec=session.codec if session else None,
@@ -684,15 +798,32 @@ class CallManager:
             opus=p.OpusSummary(**session.opus_summary()) if session else None,
             device_alerts=sorted(call.extra.get("device_alerts", ())) or None,
         )
-        self.publisher.spool(
-            self.topics.summary(call.call_id),
-            lambda seq: msgspec.structs.replace(summary, seq=seq),
-        )
-        return summary
+
+    def _note_open(self, call: Call, *, durable: bool) -> None:
+        """Keep the open call's would-be summary on disk (see `edgeagent.call.ledger`)."""
+        if self._ledger is not None and call.state != "ended":
+            doc = msgspec.json.encode(self._build_summary(call))
+            self._ledger.write(call.call_id, doc, durable=durable)
 
     # --- reporting ------------------------------------------------------------------------
 
+    def _on_peer_status(self, peer: str, status: PeerStatus) -> None:
+        """The far end of the active call changed presence (or is found down as we call)."""
+        call = self.active
+        if call is None or call.peer != peer or call.state == "ended":
+            return
+        if status.state == "online" and status.seen_ts is None:
+            return  # present, as expected: nothing to say
+        self._event(
+            call,
+            "info" if status.state == "online" else "warning",
+            "call.peer",
+            self.peers.describe(peer),
+            data={"peer": peer, **status.to_dict()},
+        )
+
     def _quality(self, call: Call, s: QualitySample) -> None:
+        self._note_open(call, durable=False)
         w = s.window
         if self.alerts is not None:
             self.alerts.observe_many(
@@ -781,6 +912,8 @@ class CallManager:
             if firing:
                 call.extra["device_alerts"] = firing
         self.active = call
+        self._note_open(call, durable=True)
+        self.peers.watch(peer)
         return call
 
     def _signal(self, kind: str, to: str, call_id: str, **fields: Any) -> sig.Outbound:

@@ -190,6 +190,9 @@ class Summary(_Payload):
     # Device-scope alerts firing while the call ran (thermal_throttled, memory_low, ...):
     # a bad call on a throttled device says so in its own record.
     device_alerts: list[str] | None = None
+    # A call the agent did not live to end (end_reason `agent_lost`), summarised at the
+    # next start: the crash report that start wrote about the previous run, if any.
+    crash_id: str | None = None
 
 
 class Traces(_Payload):
