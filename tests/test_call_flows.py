@@ -252,6 +252,14 @@ async def test_inbound_media_dropped_mid_call_stalls_degrades_then_times_out(
     (mine,) = sa
     assert (mine["result"], mine["end_reason"]) == ("failed", "media_timeout")
     assert mine["call_id"] == call.call_id
+    # The outage is in the call's record: each 1 s stats window with no packet counted
+    # 100 % lost (MOS ~1), not left out of the averages as if the call had been clean.
+    quality = [m.json() for m in c.on(f"calls/{call.call_id}/quality")]
+    empty = [q for q in quality if q["loss_pct"] == 100.0]
+    assert len(empty) >= 6, [q["loss_pct"] for q in quality]
+    assert all(q["mos"] is not None and q["mos"] < 1.5 for q in empty)
+    assert mine["no_media_s"] >= 6.0
+    assert mine["loss_pct"] >= 50.0 and mine["mos_min"] < 1.5
     # B still heard A until A hung up, and was told why.
     assert sb[0]["end_reason"] == "remote_hangup"
     ev = call_events(c.messages, "dev-a", call.call_id)
@@ -481,6 +489,12 @@ async def test_a_stall_that_ends_in_time_clears_and_the_call_goes_on(
     assert recovered["state"] in ("good", "degraded", "bad")
     (mine,) = sa
     assert (mine["result"], mine["end_reason"]) == ("completed", "local_hangup")
+    # The stall's windows count as lost, and stop counting once the stream is back
+    # (that the gap is then not counted twice: test_quality_stats.py).
+    quality = [m.json() for m in c.on(f"calls/{call.call_id}/quality")]
+    assert [q["loss_pct"] for q in quality if q["ts"] > resumed_at + 1.5].count(100.0) == 0
+    assert any(q["loss_pct"] == 100.0 for q in quality)
+    assert mine["no_media_s"] >= 1.0
     ev = _cats(call_events(c.messages, "dev-a", call.call_id))
     assert ev.count("call.media_stalled") == 1 and ev[-1] == "call.closed"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import itertools
 
 import pytest
 from aiortc.stats import (
@@ -14,7 +15,7 @@ from aiortc.stats import (
     RTCTransportStats,
 )
 
-from edgeagent.quality.stats import NetworkStats, normalise, window
+from edgeagent.quality.stats import NetworkStats, OutageLoss, normalise, window
 
 T0 = datetime.datetime(2024, 5, 1, 12, 0, 0, tzinfo=datetime.UTC)
 
@@ -225,3 +226,52 @@ async def test_the_first_quality_sample_covers_the_first_interval_of_the_call() 
     finally:
         loop.cancel()
         await session.pc.close()
+
+
+def _stats(t_s: float, received: int, lost: int) -> NetworkStats:
+    return NetworkStats(at_s=t_s, packets_received=received, packets_lost=lost)
+
+
+def test_an_outage_counts_once_as_loss_whether_or_not_the_stream_comes_back() -> None:
+    """1 s windows at 50 packets/s: 2 good, 3 with nothing, then the stream resumes half
+    way into a window and the receiver counts the whole 3.5 s gap (175) as lost."""
+    outages = OutageLoss()
+    reports = [
+        _stats(0, 0, 0),
+        _stats(1, 50, 0),
+        _stats(2, 100, 0),
+        _stats(3, 100, 0),
+        _stats(4, 100, 0),
+        _stats(5, 100, 0),
+        _stats(6, 125, 175),  # 0.5 s of packets; the gap seen as lost at last
+        _stats(7, 174, 176),  # one ordinary loss after: not taken off
+    ]
+    got = [
+        outages.adjust(window(prev, cur), media_flowed=True)
+        for prev, cur in itertools.pairwise(reports)
+    ]
+    assert [w.loss_pct for w, _ in got] == [0.0, 0.0, 100.0, 100.0, 100.0, 50.0, 2.0]
+    assert [empty for _, empty in got] == [False, False, True, True, True, False, False]
+    # Packets lost over the call: the real gap (175) plus the ordinary one, not 325.
+    assert sum(w.packets_lost for w, _ in got) == 176
+    assert outages.outage_s == 3.0
+
+
+def test_no_outage_before_media_flowed_or_in_a_zero_length_window() -> None:
+    outages = OutageLoss()
+    before = window(_stats(0, 0, 0), _stats(1, 0, 0))
+    assert outages.adjust(before, media_flowed=False) == (before, False)
+    assert before.loss_pct is None
+    first = window(None, _stats(1, 0, 0))  # the first report: no duration
+    assert outages.adjust(first, media_flowed=True) == (first, False)
+    assert outages.outage_s == 0.0 and outages.assumed == 0
+
+
+def test_credit_left_when_the_stream_comes_back_without_a_gap_is_dropped() -> None:
+    """A far end that restarts its stream (new sequence numbers) shows no gap: the
+    packets counted in the empty window are not taken off a later, real loss."""
+    outages = OutageLoss()
+    outages.adjust(window(_stats(0, 50, 0), _stats(1, 50, 0)), media_flowed=True)
+    back, _ = outages.adjust(window(_stats(1, 50, 0), _stats(2, 100, 0)), media_flowed=True)
+    later, _ = outages.adjust(window(_stats(2, 100, 0), _stats(3, 140, 10)), media_flowed=True)
+    assert back.loss_pct == 0.0 and later.loss_pct == 20.0

@@ -797,6 +797,7 @@ class CallManager:
             playout=playout,
             opus=p.OpusSummary(**session.opus_summary()) if session else None,
             device_alerts=sorted(call.extra.get("device_alerts", ())) or None,
+            no_media_s=round(session.no_media_s, 1) if session else None,
         )
 
     def _note_open(self, call: Call, *, durable: bool) -> None:

@@ -59,7 +59,7 @@ from edgeagent.clock import Clock
 from edgeagent.config import Config
 from edgeagent.hw.alsa import AlsaCapture, AlsaPlayback, AudioDeviceError
 from edgeagent.quality import emodel
-from edgeagent.quality.stats import NetworkStats, WindowStats, normalise, window
+from edgeagent.quality.stats import NetworkStats, OutageLoss, WindowStats, normalise, window
 from edgeagent.telemetry.tracing import CallTracer
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class QualitySample:
     playout_delay_ms: float
     audio: dict[str, Any]
     remote_mos: float | None = None
+    no_media: bool = False  # no inbound packet in the window: counted 100 % lost (OutageLoss)
 
 
 @dataclass
@@ -199,6 +200,7 @@ class CallSession:
         self.sink: RemoteAudioSink | None = None
         self.playback: AlsaPlayback | None = None
         self.record = SessionRecord()
+        self._outages = OutageLoss()
         self._tasks: list[asyncio.Task[None]] = []
         self._failed: asyncio.Future[CallEnded] = asyncio.get_running_loop().create_future()
         self._close_grace: asyncio.TimerHandle | None = None
@@ -521,7 +523,9 @@ class CallSession:
         cur = normalise(report, at_s=now)
         if prev is None:
             return cur
-        win = window(prev, cur)
+        win, no_media = self._outages.adjust(
+            window(prev, cur), media_flowed=self.record.first_media_at is not None
+        )
         if win.remote_loss_pct is not None:  # a receiver report about our audio came in
             self._rtcp_heard_at = now
         depth = self.playout.depth_ms
@@ -559,11 +563,16 @@ class CallSession:
         audio["concealed_frames"] = pstats.concealed_frames + plc + fec
         audio["plc_frames"] = plc
         audio["fec_frames"] = fec
-        sample = QualitySample(mos, r, win, depth, audio, remote_mos)
+        sample = QualitySample(mos, r, win, depth, audio, remote_mos, no_media)
         self.record.samples.append(sample)
         self._on_quality(sample)
         self._report_health()
         return cur
+
+    @property
+    def no_media_s(self) -> float:
+        """Seconds of stats windows, once media flowed, in which no inbound packet came."""
+        return self._outages.outage_s
 
     def decoder_concealment(self) -> tuple[int, int]:
         """Frames the Opus decoder concealed so far: (PLC, recovered from FEC)."""
@@ -615,7 +624,10 @@ class CallSession:
             {*self.tx_checks.active_issues(), *self.raw_checks.active_issues()}
             | ({"echo"} if self.echo.echo_active else set())
         )
-        self._on_health(*health_for(last.mos if last else None, self._stalled, issues))
+        # A window with no media says nothing the stall rule does not (degraded from
+        # media_stall_warn_s on, issue 3): its MOS of 1 is for the records, not the LEDs.
+        mos = last.mos if last is not None and not last.no_media else None
+        self._on_health(*health_for(mos, self._stalled, issues))
 
     def ice_types(self) -> tuple[str | None, str | None]:
         """Types (host/srflx/relay) of the nominated candidate pair, where aioice exposes it."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 OPUS_CLOCK_HZ = 48000
@@ -176,3 +176,43 @@ def window(prev: NetworkStats | None, cur: NetworkStats) -> WindowStats:
         ),
         remote_loss_pct=remote_loss,
     )
+
+
+PACKETS_PER_S = 50
+"""Inbound packets a second a sending far end gives: 20 ms Opus frames (aiortc, browsers)."""
+
+
+class OutageLoss:
+    """Counts a stats window with no inbound packet at all as 100 % loss.
+
+    RTCP-style loss (`packetsLost`) only sees a gap once a later packet arrives: while
+    nothing arrives the window has no loss figure, and a call that ends in such an
+    outage (`media_timeout`) would average to the loss of its good windows only. Once
+    media has flowed, an empty window counts `duration * PACKETS_PER_S` packets lost
+    (`loss_pct` 100). When packets come back with their sequence numbers continued, the
+    receiver counts the gap as lost; the packets already counted are taken off that
+    window's loss (once: any left over is dropped then), so the outage is counted once.
+    """
+
+    def __init__(self) -> None:
+        self.assumed = 0  # packets counted lost in empty windows, not yet seen as a gap
+        self.outage_s = 0.0
+
+    def adjust(self, win: WindowStats, *, media_flowed: bool) -> tuple[WindowStats, bool]:
+        """The window with outages counted; True when it is one (no packet in it)."""
+        if win.duration_s <= 0.0:
+            return win, False
+        if win.packets_received == 0:
+            if not media_flowed:
+                return win, False
+            assumed = max(1, round(win.duration_s * PACKETS_PER_S))
+            self.assumed += assumed
+            self.outage_s += win.duration_s
+            return replace(win, loss_pct=100.0, packets_lost=assumed), True
+        credit, self.assumed = min(self.assumed, win.packets_lost), 0
+        if credit == 0:
+            return win, False
+        lost = win.packets_lost - credit
+        expected = win.packets_received + lost
+        loss = 100.0 * lost / expected if expected else None
+        return replace(win, loss_pct=loss, packets_lost=lost), False

@@ -193,6 +193,9 @@ class Summary(_Payload):
     # A call the agent did not live to end (end_reason `agent_lost`), summarised at the
     # next start: the crash report that start wrote about the previous run, if any.
     crash_id: str | None = None
+    # Seconds of the connected call in stats windows with no inbound packet at all
+    # (each counted as 100 % loss in loss_pct and MOS): a media outage, not jitter.
+    no_media_s: float | None = None
 
 
 class Traces(_Payload):
