@@ -15,6 +15,7 @@ import os
 import random
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,8 @@ class _ClientLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 
 _CONNACK_GRACE_TURNS = 20
+REFUSAL_QUIET_S = 60.0
+"""A topic's refused publishes are warned about at most once a minute (warnings are events)."""
 
 
 def _connack_refusal(client: aiomqtt.Client) -> BaseException | None:
@@ -162,6 +165,34 @@ def _connack_refusal(client: aiomqtt.Client) -> BaseException | None:
     if isinstance(connected, asyncio.Future) and connected.done() and not connected.cancelled():
         return connected.exception()
     return None
+
+
+def _watch_pubacks(client: aiomqtt.Client, refused: Callable[[str, str], None]) -> None:
+    """Call `refused(topic, reason)` for each publish the broker acknowledges with a
+    failure reason code; aiomqtt completes those like any other (its `_on_publish`
+    drops the reason code). Wraps this connection's paho client; both wrappers only
+    observe. Pinned by tests/test_mqtt_refusals.py."""
+    paho = client._client
+    topics: dict[int, str] = {}  # mid -> topic, until its PUBACK (or QoS 0 send) is seen
+    publish = paho.publish
+    on_publish: Any = paho.on_publish  # aiomqtt's, set before the client is entered
+
+    def tracked(topic: str, *args: Any, **kwargs: Any) -> Any:
+        info = publish(topic, *args, **kwargs)
+        if info.mid:
+            topics[info.mid] = topic
+        return info
+
+    def checked(c: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        topic = topics.pop(mid, None)
+        value = getattr(reason_code, "value", 0)
+        if topic is not None and isinstance(value, int) and value >= 0x80:
+            refused(topic, str(reason_code))
+        if on_publish is not None:
+            on_publish(c, userdata, mid, reason_code, properties)
+
+    paho.publish = tracked  # type: ignore[method-assign]
+    paho.on_publish = checked
 
 
 def _granted(code: Any) -> bool:
@@ -235,6 +266,9 @@ class BrokerLink:
         self.session = sessions.value
         self.last_error: str | None = None
         self._closing = False
+        self.publishes_refused = 0  # PUBACKs with a failure reason code (MQTT 5)
+        self._refusal_said: dict[str, float] = {}  # topic -> monotonic time of its warning
+        self._in_flight: dict[str, list[int]] = {}  # topic -> [publishes waiting, refusals]
 
     @property
     def v5(self) -> bool:
@@ -346,6 +380,7 @@ class BrokerLink:
             properties=_connect_properties() if self.v5 else None,
         )
         _on_socket_close(client, lambda: socket_failed("connection closed by the peer"))
+        _watch_pubacks(client, self._refused)
         # aiomqtt warns on every publish while more than this many await their PUBACK;
         # the spool drain keeps `max_inflight` in flight by design (plus health, replies).
         client.pending_calls_threshold = 2 * cfg.max_inflight + 16
@@ -403,6 +438,25 @@ class BrokerLink:
             raise BrokerUnavailable(f"connection closed before CONNACK: {dropped.result()}")
         enter.result()
 
+    def _refused(self, topic: str, reason: str) -> None:
+        """The broker answered a publish with a failure (MQTT 5 PUBACK: its ACL, quota or
+        a bad topic): the message is gone and retrying would not help. Said, not silent."""
+        self.publishes_refused += 1
+        if topic in self._in_flight:
+            self._in_flight[topic][1] += 1
+        now = time.monotonic()
+        if now - self._refusal_said.get(topic, -REFUSAL_QUIET_S) < REFUSAL_QUIET_S:
+            return
+        if len(self._refusal_said) >= 256:
+            self._refusal_said.clear()
+        self._refusal_said[topic] = now
+        logger.warning(
+            "mqtt: the broker refused our publish to %s (%s); check its ACL (%d refused so far)",
+            topic,
+            reason,
+            self.publishes_refused,
+        )
+
     def _dispatch(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value
         handler = next((h for f, h in self._subs.items() if message.topic.matches(f)), None)
@@ -437,8 +491,9 @@ class BrokerLink:
         correlation_data: bytes | None = None,
         user_properties: list[tuple[str, str]] | None = None,
         timeout_s: float = 10.0,
-    ) -> None:
-        """Publish; with QoS 1 this returns only after the broker's PUBACK."""
+    ) -> bool:
+        """Publish; with QoS 1 this returns only after the broker's PUBACK, and False
+        when that PUBACK was a refusal (MQTT 5: the broker's ACL; said in the log too)."""
         client = self._client  # set from CONNACK on, so birth can go out before `connected`
         if client is None:
             raise BrokerUnavailable("not connected")
@@ -449,6 +504,27 @@ class BrokerLink:
                 props.CorrelationData = correlation_data
             if user_properties:
                 props.UserProperty = user_properties
+        watch = self._in_flight.setdefault(topic, [0, 0])  # [publishes waiting, refusals]
+        watch[0] += 1
+        refusals = watch[1]
+        try:
+            await self._send(client, topic, payload, qos, retain, props, timeout_s)
+        finally:
+            watch[0] -= 1
+            if watch[0] == 0:
+                del self._in_flight[topic]
+        return watch[1] == refusals
+
+    async def _send(
+        self,
+        client: aiomqtt.Client,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        props: Properties | None,
+        timeout_s: float,
+    ) -> None:
         lost = self._lost
         send = asyncio.ensure_future(
             client.publish(

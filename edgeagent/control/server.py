@@ -510,9 +510,13 @@ class CommandServer:
             truncated=truncated,
         )
 
+    def _fallback(self, jti: str | None) -> str:
+        """`<root>/cmd-res/<id>`: where an answer goes that has no usable Response Topic."""
+        return self._topics.cmd_res(jti if jti and _JTI_RE.fullmatch(jti) else "invalid")
+
     def route(self, req: _Request, jti: str | None) -> tuple[str, str | None]:
         """Where the answer to `req` goes, and why its Response Topic was refused (if it was)."""
-        fallback = self._topics.cmd_res(jti if jti and _JTI_RE.fullmatch(jti) else "invalid")
+        fallback = self._fallback(jti)
         rt = req.response_topic
         if rt is None:
             return fallback, None
@@ -536,9 +540,18 @@ class CommandServer:
                 log("commands: %s %.80r: %s", response.cmd, req.response_topic, refused)
         try:
             # The Correlation Data is echoed wherever the answer goes (MQTT 5 only).
-            await self._link.publish(
+            taken = await self._link.publish(
                 topic, p.encode(response), qos=1, correlation_data=req.correlation
             )
+            fallback = self._fallback(response.id)
+            if not taken and topic != fallback:
+                # The broker refused the Response Topic (its ACL): answered where the
+                # device may write, saying so, rather than not at all.
+                why = f"the broker refused the response topic; answered on {fallback}"
+                response = msgspec.structs.replace(response, warning=why)
+                await self._link.publish(
+                    fallback, p.encode(response), qos=1, correlation_data=req.correlation
+                )
         except BrokerUnavailable as exc:
             logger.warning("commands: answer to %s lost: %s", response.id, exc)
 

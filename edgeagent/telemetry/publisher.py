@@ -266,14 +266,14 @@ class Publisher:
         more is sent; what is in flight settles, successes are acked, and the failure
         is raised so the next connection starts again from the oldest unacked seq.
         """
-        inflight: dict[int, asyncio.Task[None]] = {}
+        inflight: dict[int, asyncio.Task[bool]] = {}
         acked: list[int] = []
         failures: list[BaseException] = []
         progress = asyncio.Event()
         last_sent: int | None = None
         ack_group = max(1, self._window // 4)
 
-        def landed(seq: int, task: asyncio.Task[None]) -> None:
+        def landed(seq: int, task: asyncio.Task[bool]) -> None:
             inflight.pop(seq, None)
             progress.set()
             if task.cancelled():
