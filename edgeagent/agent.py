@@ -646,6 +646,13 @@ class Agent:
 
     async def hangup(self, call_id: str | None) -> dict[str, Any]:
         active = self.calls_mgr.active
+        if call_id is not None and (active is None or active.call_id != call_id):
+            # Named a call that has ended (a retried hangup, or one that lost the race
+            # with the far end's): nothing to do, and its outcome says how it ended.
+            ended = next((c for c in self.calls_mgr.history if c.call_id == call_id), None)
+            if ended is not None:
+                return {"ended": False, "call_id": call_id, "result": ended.result,
+                        "end_reason": ended.end_reason}  # fmt: skip
         check_hangup_target(None if active is None else active.call_id, call_id)
         if active is None:
             return {"ended": False, "call_id": None, "result": None}

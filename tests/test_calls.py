@@ -212,3 +212,13 @@ async def test_remote_dial_and_hangup_codes(
         assert a.calls_mgr.active is None
         await c.wait_for(lambda ms: [m for m in ms if m.json()["type"] == "hangup"])
         assert await a.hangup(None) == {"ended": False, "call_id": None, "result": None}
+        # A retried hangup of the call that ended: nothing to end, and how it ended.
+        assert await a.hangup(dialed["call_id"]) == {
+            "ended": False,
+            "call_id": dialed["call_id"],
+            "result": "missed",
+            "end_reason": "remote_command",
+        }
+        with pytest.raises(CommandError) as info:  # never a call of this device: still 400
+            await a.hangup("call-x")
+        assert info.value.code == 400
