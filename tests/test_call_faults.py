@@ -64,6 +64,25 @@ async def test_not_allowed_caller_is_rejected_forbidden(
     assert list(one_summary_per_call(c.messages, "dev-b")) == [call.call_id]
 
 
+async def test_an_echo_peer_with_an_allowlist_refuses_other_callers_forbidden(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(tmp_path, broker.port, "dev-a", alsa, mic=tone(440, 5))
+    cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa, call='allow = ["operator-1"]')
+    async with (
+        collector(broker.port, "edge/v1/#") as c,
+        echo_peer(cfg_e) as echo,
+        running(cfg_a) as a,
+    ):
+        await a.calls_mgr.dial("echo")
+        sa = await c.wait_for(lambda ms: summaries(ms, "dev-a"))
+    assert (sa[0]["result"], sa[0]["end_reason"]) == ("rejected", "rejected_forbidden")
+    assert echo.refused == 1 and echo.answered == 0
+
+
 async def test_busy_and_answer_timeout_and_leds(
     tmp_path: Path,
     broker,

@@ -7,7 +7,8 @@ lost packets are concealed with libopus PLC and recovered from the caller's FEC,
 its SDP says it decodes FEC (`a=tool:edgeagent/... opus-fec`, with libopus0), and
 it sends FEC back under the loss the caller reports, as an agent does. With
 `security.signaling = "signed"` it answers only offers whose token a key in its
-`keys_file` signed (docs/signaling.md), as a device does.
+`keys_file` signed (docs/signaling.md), and with `call.allow` only those callers, as a
+device does.
 """
 
 from __future__ import annotations
@@ -170,6 +171,15 @@ class EchoPeer:
             return
         if msg.type == "offer":
             if msg.call_id in self.calls:
+                return
+            if not sig.caller_allowed(msg.from_, self.cfg.call.allow):
+                self.refused += 1
+                logger.warning(
+                    "echo peer: call %s from %s rejected (forbidden): not in call.allow",
+                    msg.call_id,
+                    msg.from_,
+                )
+                self._send("reject", msg.from_, msg.call_id, reason="forbidden")
                 return
             if self._check_offer is not None:
                 try:
