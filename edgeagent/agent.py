@@ -659,12 +659,20 @@ class Agent:
         await self.calls_mgr.hangup("remote_command")
         return {"ended": True, "call_id": active.call_id, "result": active.result}
 
-    async def call_test(self, peer: str | None, duration_s: int) -> dict[str, Any]:
+    async def call_test(
+        self,
+        peer: str | None,
+        duration_s: int,
+        call_id: str | None = None,
+        token: str | None = None,
+    ) -> dict[str, Any]:
         """Call the echo peer with a known signal: round trip, levels, echo verdict, score."""
         return await run_call_test(
             self.calls_mgr,
             peer,
             duration_s,
+            call_id=call_id,
+            token=token,
             clock=self.clock,
             bus=self.bus,
             broker_up=self.link.connected.is_set,

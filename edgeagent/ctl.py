@@ -428,8 +428,8 @@ async def _cmd_cmd(ns: argparse.Namespace, console: Console, err: Console) -> in
         err.print(f"[yellow]note: {ns.name!r} is not in the v1 catalog[/]")
     args = parse_args_kv(ns.args)
     if ns.call_token:
-        if ns.name != "dial":
-            raise CtlError("--call-token is for the dial command", EXIT_USAGE)
+        if ns.name not in ("dial", "call_test"):
+            raise CtlError("--call-token is for the dial and call_test commands", EXIT_USAGE)
         call_key, call_kid = _load_key(ns.key)
         args = with_call_token(args, call_key, ns.kid or call_kid, lifetime_s=ns.lifetime)
     spec = CATALOG.get(ns.name)
@@ -614,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--call-token",
         action="store_true",
-        help="dial: sign the offer's token (for a peer with signed signaling) with --key",
+        help="dial, call_test: sign the offer's token (a peer with signed signaling) with --key",
     )
     p.add_argument("--any-name", action="store_true", help=argparse.SUPPRESS)
 

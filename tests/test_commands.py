@@ -132,7 +132,13 @@ class StaticContext:
         self.calls = []
         return {"ended": True, "call_id": active, "result": "completed"}
 
-    async def call_test(self, peer: str | None, duration_s: int) -> dict[str, Any]:
+    async def call_test(
+        self,
+        peer: str | None,
+        duration_s: int,
+        call_id: str | None = None,
+        token: str | None = None,
+    ) -> dict[str, Any]:
         started = time.monotonic()
         await asyncio.sleep(0.05)
         return {

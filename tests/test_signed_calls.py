@@ -332,3 +332,34 @@ async def test_a_signed_echo_peer_answers_only_signed_offers(
         assert echo.answered == 1 and echo.refused == 1
     played = active(read_raw(tmp_path / "spk_dev-k.raw"))
     assert abs(peak_hz(played) - 700) <= hz_tolerance(700)
+
+
+@pytest.mark.slow
+async def test_call_test_with_an_operator_minted_token_reaches_a_signed_echo_peer(
+    tmp_path: Path,
+    broker,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    keys = Keys(tmp_path / "keys")
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg_a = endpoint_config(  # no call key: operator commands signed with "op"
+        tmp_path, broker.port, "dev-a", alsa, extra=f'[security]\nkeys_file = "{keys.trusted}"\n'
+    )
+    cfg_e = endpoint_config(tmp_path, broker.port, "echo", alsa, extra=signed_security(keys))
+
+    def call_test(*args: str) -> list[str]:
+        return ["cmd", "dev-a", "call_test", "peer=echo", "duration_s=1", *args, "--json",
+                "--port", str(broker.port), "--key", str(keys.path("op"))]  # fmt: skip
+
+    async with echo_peer(cfg_e) as echo, running(cfg_a):
+        rc, plain = await _ctl(capsys, call_test())
+        assert plain["code"] == 200, plain
+        assert plain["result"]["end_reason"] == "rejected_forbidden" and echo.refused == 1
+        rc, minted = await _ctl(capsys, call_test("--call-token"))
+    assert rc == 0 and minted["code"] == 200, minted
+    result = minted["result"]
+    # The echo peer took the offer and the call connected (the measurement itself is
+    # test_call_test_e2e.py's business).
+    assert (result["result"], result["end_reason"]) == ("completed", "local_hangup"), result
+    assert result["setup_ms"] is not None and echo.answered == 1

@@ -413,8 +413,12 @@ async def run_call_test(
     broker_up: Callable[[], bool],
     leds: LedReader,
     max_wait_s: float = MAX_WAIT_S,
+    call_id: str | None = None,
+    token: str | None = None,
 ) -> dict[str, Any]:
     """Call `peer` (None: the default peer), send the test program, measure, hang up.
+
+    `call_id`/`token`: an operator-minted offer token for a signed echo peer (as `dial`).
 
     CommandError: NO_BROKER when the broker is down, 400 with no peer, 409 when busy.
     A call that does not connect is a result (`result` failed, `echo_verdict` missing).
@@ -429,7 +433,7 @@ async def run_call_test(
     unsubscribe = bus.subscribe(HealthChanged, lambda e: states.append(e.state))
     try:
         try:
-            call = await calls.dial(peer)
+            call = await calls.dial(peer, call_id=call_id, token=token)
         except ValueError as exc:
             raise CommandError(Status.BAD_REQUEST, str(exc)) from None
         except RuntimeError as exc:

@@ -127,6 +127,9 @@ class HangupArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class CallTestArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     peer: PeerId | None = None  # None: the configured echo peer
     duration_s: Annotated[int, msgspec.Meta(ge=1, le=30)] = 5
+    # As for dial: an operator-minted offer token for an echo peer with signed signaling.
+    call_id: Annotated[str, msgspec.Meta(pattern=CALL_ID_PATTERN)] | None = None
+    token: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CALL_TOKEN_CHARS)] | None = None
 
 
 class DiagnoseArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

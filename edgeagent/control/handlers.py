@@ -200,7 +200,7 @@ class Handlers:
         return await self._ctx.hangup(args.call_id)
 
     async def call_test(self, args: c.CallTestArgs) -> dict[str, Any]:
-        return await self._ctx.call_test(args.peer, args.duration_s)
+        return await self._ctx.call_test(args.peer, args.duration_s, args.call_id, args.token)
 
     async def diagnose(self, args: c.DiagnoseArgs) -> dict[str, Any]:
         return await self._ctx.diagnose(args.selected())

@@ -143,8 +143,16 @@ class CommandContext(Protocol):
         """
         ...
 
-    async def call_test(self, peer: str | None, duration_s: int) -> dict[str, Any]:
-        """Call the echo peer, play a known signal: latency, levels, echo verdict, score."""
+    async def call_test(
+        self,
+        peer: str | None,
+        duration_s: int,
+        call_id: str | None = None,
+        token: str | None = None,
+    ) -> dict[str, Any]:
+        """Call the echo peer, play a known signal: latency, levels, echo verdict, score.
+
+        `call_id`/`token`: as for `dial` (an offer token minted for this call)."""
         ...
 
     async def diagnose(self, checks: tuple[str, ...]) -> dict[str, Any]:
