@@ -134,6 +134,7 @@ class Agent:
             sysfs_root=cfg.health.sysfs_root,
             disk_path=state_dir,
             vcgencmd=cfg.health.vcgencmd or None,
+            mmcli=cfg.health.mmcli or None,
         )
         self.device_model = cfg.device.model or self.system.board_model()
         self.sessions = SessionCounter(state_dir / "session")
@@ -221,6 +222,7 @@ class Agent:
                 turn_urls=tuple(ice.turn_urls),
                 turn_username=ice.turn_username,
                 turn_password=ice.turn_password.get_secret_value() if ice.turn_password else None,
+                turn_relay_check=ice.turn_relay_check,
                 tls_endpoints=((cfg.mqtt.host, cfg.mqtt.port),) if cfg.mqtt.tls.enabled else (),
                 dns_hosts=(cfg.mqtt.host,),
             ),

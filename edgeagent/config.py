@@ -108,6 +108,8 @@ class HealthConfig(_Section):
     sysfs_root: Path = Path("/")
     """Root under which /sys and /proc are read (tests point it at a fixture tree)."""
     vcgencmd: str | None = "vcgencmd"
+    mmcli: str | None = "mmcli"
+    """ModemManager's CLI: a cellular modem's state and signal in metrics ("" to skip)."""
     assume_clock_synced: bool = False
     """Treat the clock as synchronised without NTP evidence (benches and containers only)."""
     watchdog_max_lag_s: float | None = None
@@ -120,6 +122,10 @@ class IceConfig(_Section):
     turn_username: str | None = None
     turn_password: SecretStr | None = None
     relay_only: bool = False
+    turn_relay_check: bool = True
+    """The TURN probe also sends data through its allocation and back (to its own relayed
+    address): alert `turn_relay_failed`. Off for a server that refuses its own relayed
+    address as a peer (a denied-peer-ip covering it), where the check cannot pass."""
     host_addresses: list[str] = []
     """Local addresses or interface names ICE may use; empty means every interface."""
     gather_timeout_s: float = Field(0.7, gt=0)

@@ -338,6 +338,7 @@ def test_system_metrics_from_a_sample() -> None:
         "thermal_throttled": 1.0,
         "soft_temp_limit": 1.0,
         "under_voltage": 0.0,
+        "modem_signal_pct": None,
     }
 
 
@@ -377,6 +378,7 @@ EXPECTED_DEFAULTS = {
     "memory_low",
     "disk_low",
     "spool_dropping",
+    "modem_signal_low",
     "audio_device_missing",
     "broker_unreachable",
 }

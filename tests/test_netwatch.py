@@ -280,6 +280,51 @@ async def test_wrong_turn_password_is_an_auth_alert_not_unreachable(turn: Coturn
     ]
 
 
+@pytest.mark.turn
+async def test_a_turn_server_that_allocates_but_will_not_relay_fires_relay_failed(
+    tmp_path: Path,
+) -> None:
+    """coturn with its own relay address denied as a peer: Allocate succeeds, the relay
+    loop's CreatePermission is refused (403). Then the same server without the rule."""
+    blocked = Coturn(tmp_path / "blocked", extra=("denied-peer-ip=127.0.0.1",))
+    blocked.start()
+    alerts = Alerts()
+    watch = NetworkWatch(
+        NetWatchSettings(
+            turn_urls=(blocked.turn_url(),),
+            turn_username=TURN_USER,
+            turn_password=TURN_PASSWORD,
+            timeout_s=2.0,
+            fail_after=2,
+            check_clock=False,
+        ),
+        alerts,
+    )
+    name = f"turn_relay_failed.udp-127.0.0.1-{blocked.port}"
+    try:
+        first = await watch.probe_all()
+        assert first["turn"][0]["status"] == "relay_failed"
+        assert first["turn"][0]["authenticated"] is True and first["alerts"] == {}
+        assert "CreatePermission refused: 403" in first["turn"][0]["detail"]
+        second = await watch.probe_all()  # fail_after = 2
+        assert name in second["alerts"]
+        assert [(c.name, c.state, c.severity) for c in alerts.calls] == [
+            (name, "firing", "critical")
+        ]  # not unreachable, not the credentials
+        assert "allocates but does not relay (2 probes)" in alerts.last(name).message
+    finally:
+        blocked.stop()
+    fixed = Coturn(tmp_path / "fixed", port=blocked.port)
+    fixed.start()
+    try:
+        again = await watch.probe_all()
+    finally:
+        fixed.stop()
+    assert again["turn"][0]["status"] == "ok" and again["turn"][0]["relay_rtt_ms"] >= 0
+    assert alerts.states(name) == ["firing", "resolved"]
+    assert "relays again" in alerts.last(name).message
+
+
 # --- certificates ------------------------------------------------------------------------
 
 

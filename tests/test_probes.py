@@ -303,6 +303,7 @@ async def test_turn_authenticated_allocate_relays(turn: Coturn, transport: str) 
     )
     assert r.status is p.ProbeStatus.OK, r.detail
     assert r.authenticated
+    assert r.relay_rtt_ms is not None  # data went out of the relay port and came back
     assert r.relayed is not None and r.relayed[0] == "127.0.0.1"
     assert turn.min_port <= r.relayed[1] <= turn.max_port
     assert r.mapped is not None and r.mapped[0] == "127.0.0.1"
@@ -349,10 +350,13 @@ async def test_probes_across_a_coturn_restart(tmp_path: Path) -> None:
 
 
 class ScriptedTurn(asyncio.DatagramProtocol):
-    """A tiny TURN twin on loopback: challenge, then a stale nonce, then success."""
+    """A tiny TURN twin on loopback: challenge, then a stale nonce, then success; a Send
+    indication comes back as a Data indication unless `relays` is False (a relay port
+    that is allocated but blocked)."""
 
-    def __init__(self, *, bad_integrity: bool = False) -> None:
+    def __init__(self, *, bad_integrity: bool = False, relays: bool = True) -> None:
         self.bad_integrity = bad_integrity
+        self.relays = relays
         self.transport: asyncio.DatagramTransport | None = None
         self.seen: list[tuple[int, bytes | None]] = []  # (method, nonce)
 
@@ -365,6 +369,13 @@ class ScriptedTurn(asyncio.DatagramProtocol):
         nonce = req.get(p.NONCE)
         self.seen.append((req.method, nonce))
         txid = req.transaction_id
+        if req.method == p.SEND and req.cls == p.INDICATION:
+            peer, payload = req.get(p.XOR_PEER_ADDRESS), req.get(p.DATA)
+            if self.relays and peer is not None and payload is not None:
+                attrs = [(p.XOR_PEER_ADDRESS, peer), (p.DATA, payload)]
+                back = p.encode_message(p.DATA_METHOD, p.INDICATION, txid, attrs)
+                self.transport.sendto(back, addr)
+            return
         key = p.long_term_key(TURN_USER, "twin", TURN_PASSWORD)
         if nonce is None:
             attrs = [(p.ERROR_CODE, p.encode_error_code(401, "Unauthorized"))]
@@ -382,9 +393,11 @@ class ScriptedTurn(asyncio.DatagramProtocol):
         self.transport.sendto(reply, addr)
 
 
-async def _scripted(bad_integrity: bool) -> tuple[ScriptedTurn, asyncio.DatagramTransport, int]:
+async def _scripted(
+    bad_integrity: bool, relays: bool = True
+) -> tuple[ScriptedTurn, asyncio.DatagramTransport, int]:
     loop = asyncio.get_running_loop()
-    proto = ScriptedTurn(bad_integrity=bad_integrity)
+    proto = ScriptedTurn(bad_integrity=bad_integrity, relays=relays)
     transport, _ = await loop.create_datagram_endpoint(lambda: proto, local_addr=("127.0.0.1", 0))
     return proto, transport, transport.get_extra_info("sockname")[1]
 
@@ -398,13 +411,30 @@ async def test_turn_probe_retries_a_stale_nonce_and_releases() -> None:
     finally:
         transport.close()
     assert r.status is p.ProbeStatus.OK and r.authenticated
-    assert r.relayed == ("127.0.0.1", 50000)
+    assert r.relayed == ("127.0.0.1", 50000) and r.relay_rtt_ms is not None
     assert proto.seen == [
         (p.ALLOCATE, None),
         (p.ALLOCATE, b"n1"),
         (p.ALLOCATE, b"n2"),
+        (p.CREATE_PERMISSION, b"n2"),
+        (p.SEND, None),
         (p.REFRESH, b"n2"),
     ]
+
+
+async def test_an_allocation_that_does_not_relay_is_relay_failed_and_still_released() -> None:
+    proto, transport, port = await _scripted(bad_integrity=False, relays=False)
+    try:
+        r = await net.turn_probe(
+            f"turn:127.0.0.1:{port}", username=TURN_USER, password=TURN_PASSWORD, timeout_s=3.0
+        )
+    finally:
+        transport.close()
+    assert r.status is p.ProbeStatus.RELAY_FAILED and r.authenticated
+    assert r.detail.startswith("allocated 127.0.0.1:50000, but data sent through it did not")
+    sends = [m for m, _ in proto.seen if m == p.SEND]
+    assert len(sends) >= 2  # a lost datagram is retried before the verdict
+    assert proto.seen[-1] == (p.REFRESH, b"n2")  # released all the same
 
 
 async def test_turn_probe_rejects_a_forged_success() -> None:
@@ -487,3 +517,20 @@ async def test_resolve_ip_literal_needs_no_lookup() -> None:
 async def test_clock_status_is_bool_or_none(timedatectl: str | None) -> None:
     status = await asyncio.to_thread(net.clock_synchronized, timedatectl)
     assert status is None or isinstance(status, bool)
+
+
+async def test_the_relay_loop_can_be_turned_off() -> None:
+    """For a server that refuses its own relayed address as a peer (ice.turn_relay_check)."""
+    proto, transport, port = await _scripted(bad_integrity=False, relays=False)
+    try:
+        r = await net.turn_probe(
+            f"turn:127.0.0.1:{port}",
+            username=TURN_USER,
+            password=TURN_PASSWORD,
+            timeout_s=2.0,
+            relay_check=False,
+        )
+    finally:
+        transport.close()
+    assert r.status is p.ProbeStatus.OK and r.relay_rtt_ms is None
+    assert [m for m, _ in proto.seen if m in (p.CREATE_PERMISSION, p.SEND)] == []

@@ -116,6 +116,7 @@ class Coturn:
     user: str = TURN_USER
     password: str = TURN_PASSWORD
     realm: str = TURN_REALM
+    extra: tuple[str, ...] = ()  # more turnserver.conf lines
     proc: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -146,6 +147,7 @@ class Coturn:
             f"userdb={self.workdir / 'turndb'}",
             f"pidfile={self.workdir / 'turnserver.pid'}",
         ]
+        lines += self.extra
         if self.tls_port is None:
             lines.append("no-tls")
         else:

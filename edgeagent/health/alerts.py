@@ -397,6 +397,9 @@ def system_metrics(sample: SystemSample) -> dict[str, float | None]:
         "thermal_throttled": flag(None if now is None else "throttled" in now),
         "soft_temp_limit": flag(None if now is None else "soft_temp_limit" in now),
         "under_voltage": flag(None if now is None else "under_voltage" in now),
+        "modem_signal_pct": next(
+            (i.modem.signal_pct for i in sample.net.values() if i.modem is not None), None
+        ),
     }
 
 
@@ -454,6 +457,9 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
     _rule("spool_dropping", "spool_dropped_delta", ">", 0.0, clear_for_s=300,
           message="spool dropped {value:g} messages at its storage cap",
           resolved_message="spool stopped dropping"),
+    _rule("modem_signal_low", "modem_signal_pct", "<", 20.0, for_s=120, clear_threshold=30.0,
+          clear_for_s=60, message="cellular signal {value:.0f}% below {threshold:g}%",
+          resolved_message="cellular signal back to {value:.0f}%"),
     _boolean("audio_device_missing", "audio device missing", for_s=5, severity="critical"),
     _boolean("broker_unreachable", "broker unreachable for over {for_s:g} s", for_s=60),
 )  # fmt: skip

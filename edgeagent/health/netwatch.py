@@ -141,6 +141,8 @@ class NetWatchSettings:
     turn_urls: tuple[str, ...] = ()
     turn_username: str | None = None
     turn_password: str | None = field(default=None, repr=False)
+    turn_relay_check: bool = True
+    """After an authenticated Allocate, send data through the relay and back."""
     tls_endpoints: tuple[tuple[str, int], ...] = ()
     """Extra TLS endpoints whose certificate to watch (e.g. the mqtts broker)."""
     https_urls: tuple[str, ...] = ()
@@ -323,6 +325,7 @@ class NetworkWatch:
                 password=s.turn_password,
                 timeout_s=t,
                 ssl_context=self._ssl,
+                relay_check=s.turn_relay_check,
             )
             for u in self._turn_urls
             if "turn" in wanted
@@ -374,9 +377,10 @@ class NetworkWatch:
                 # A definite answer, not a lost packet: no need to wait for a second one.
                 msg = f"TURN server {r.target} refused the credentials: {r.detail}"
                 out.append(self._latch.fire(name, "critical", float(n), 1.0, msg))
-            elif r.status is p.ProbeStatus.OK:
+            elif r.status in (p.ProbeStatus.OK, p.ProbeStatus.RELAY_FAILED):
                 msg = f"TURN server {r.target} accepts the credentials again"
                 out.append(self._latch.resolve(name, 0.0, 1.0, msg))
+            out.extend(self._relay(r, first=i == 0))
         for c in h.certs:
             out.extend(self._cert(c, h.ts))
         for d in h.dns:
@@ -396,6 +400,23 @@ class NetworkWatch:
             msg = "system clock is NTP-synchronised"
             out.append(self._latch.resolve("clock_unsynced", 1.0, 1.0, msg))
         return [c for c in out if c is not None]
+
+    def _relay(self, r: p.ProbeResult, *, first: bool) -> list[Transition | None]:
+        """`turn_relay_failed`: allocations succeed, but data sent through one does not
+        come back (relay ports blocked, a relay-ip the server cannot use): every relayed
+        call would fail while the reachability and credential alerts stay quiet."""
+        name = alert_name("turn_relay_failed", server_key(r.url))
+        failed = r.status is p.ProbeStatus.RELAY_FAILED
+        n = self._count(name, failed)
+        threshold = float(self._s.fail_after)
+        if failed and n >= self._s.fail_after:
+            severity = "critical" if first else "warning"
+            msg = f"TURN server {r.target} allocates but does not relay ({n} probes): {r.detail}"
+            return [self._latch.fire(name, severity, float(n), threshold, msg)]
+        if r.status is p.ProbeStatus.OK and r.relay_rtt_ms is not None:
+            msg = f"TURN server {r.target} relays again (loop {r.relay_rtt_ms:.1f} ms)"
+            return [self._latch.resolve(name, 0.0, threshold, msg)]
+        return []
 
     def _reachability(
         self, kind: str, label: str, r: p.ProbeResult, *, first: bool

@@ -25,6 +25,9 @@ FINGERPRINT_XOR = 0x5354554E
 BINDING = 0x001
 ALLOCATE = 0x003
 REFRESH = 0x004
+SEND = 0x006
+DATA_METHOD = 0x007
+CREATE_PERMISSION = 0x008
 
 # Classes
 REQUEST = 0b00
@@ -38,6 +41,8 @@ USERNAME = 0x0006
 MESSAGE_INTEGRITY = 0x0008
 ERROR_CODE = 0x0009
 LIFETIME = 0x000D
+XOR_PEER_ADDRESS = 0x0012
+DATA = 0x0013
 REALM = 0x0014
 NONCE = 0x0015
 XOR_RELAYED_ADDRESS = 0x0016
@@ -307,6 +312,43 @@ def refresh_request(transaction_id: bytes, credentials: Credentials, lifetime_s:
     )
 
 
+def create_permission_request(
+    transaction_id: bytes, credentials: Credentials, peer: tuple[str, int]
+) -> bytes:
+    """TURN CreatePermission for `peer`'s IP (the port is ignored by the server)."""
+    attrs = [
+        (XOR_PEER_ADDRESS, encode_xor_address(peer[0], peer[1], transaction_id)),
+        *credentials.attributes(),
+    ]
+    return encode_message(
+        CREATE_PERMISSION,
+        REQUEST,
+        transaction_id,
+        attrs,
+        integrity_key=credentials.key,
+        fingerprint=True,
+    )
+
+
+def send_indication(transaction_id: bytes, peer: tuple[str, int], data: bytes) -> bytes:
+    """TURN Send indication: the server relays `data` to `peer` from our relayed address."""
+    attrs = [
+        (XOR_PEER_ADDRESS, encode_xor_address(peer[0], peer[1], transaction_id)),
+        (DATA, data),
+    ]
+    return encode_message(SEND, INDICATION, transaction_id, attrs, fingerprint=True)
+
+
+def data_indication(msg: StunMessage) -> tuple[tuple[str, int] | None, bytes] | None:
+    """(peer, data) of a TURN Data indication; None for any other message."""
+    if msg.method != DATA_METHOD or msg.cls != INDICATION:
+        return None
+    data = msg.get(DATA)
+    if data is None:
+        return None
+    return _address(msg, XOR_PEER_ADDRESS, xor=True), data
+
+
 # --- interpreting responses ------------------------------------------------------------------
 
 
@@ -433,6 +475,7 @@ class ProbeStatus(StrEnum):
     OK = "ok"
     UNREACHABLE = "unreachable"  # timeout, refused, TLS or connection failure
     AUTH_FAILED = "auth_failed"  # alive, but our credentials were refused
+    RELAY_FAILED = "relay_failed"  # allocates, but data sent through the relay never came back
     ERROR = "error"  # alive, answered with something we cannot use
 
 
@@ -449,6 +492,7 @@ class ProbeResult:
     authenticated: bool = False
     error_code: int | None = None
     detail: str = ""
+    relay_rtt_ms: float | None = None  # the relay loop: Send indication to Data indication
 
     @property
     def target(self) -> str:
@@ -467,6 +511,8 @@ class ProbeResult:
             out["relayed"] = f"{self.relayed[0]}:{self.relayed[1]}"
         if self.kind == "turn":
             out["authenticated"] = self.authenticated
+        if self.relay_rtt_ms is not None:
+            out["relay_rtt_ms"] = round(self.relay_rtt_ms, 2)
         if self.error_code is not None:
             out["error_code"] = self.error_code
         if self.detail:

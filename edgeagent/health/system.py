@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgeagent.hw.modem import ModemStatus
+
 # Raspberry Pi firmware throttled bits (vcgencmd get_throttled); the same four
 # names repeat 16 bits higher as "has occurred since boot".
 THROTTLED_BITS: tuple[str, ...] = ("under_voltage", "freq_capped", "throttled", "soft_temp_limit")
@@ -44,6 +46,7 @@ class NetInterface:
     rx_bytes: int | None
     tx_bytes: int | None
     wifi: WifiSignal | None = None
+    modem: ModemStatus | None = None  # the cellular modem whose net port this is
 
     def to_fields(self) -> dict[str, Any]:
         """The metrics `net.<ifname>` object."""
@@ -61,6 +64,8 @@ class NetInterface:
             if self.wifi.noise_dbm is not None:
                 wifi["noise_dbm"] = self.wifi.noise_dbm
             out["wifi"] = wifi
+        if self.modem is not None:
+            out["modem"] = self.modem.to_fields()
         return out
 
 

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import ipaddress
 import logging
+import os
 import shutil
 import socket
 import ssl
@@ -207,9 +208,11 @@ async def turn_probe(
     password: str | None = None,
     timeout_s: float = 3.0,
     ssl_context: ssl.SSLContext | None = None,
+    relay_check: bool = True,
 ) -> p.ProbeResult:
     """TURN Allocate: unauthenticated 401 with a nonce proves the server alive; with
-    credentials, an authenticated allocate (released again with Refresh lifetime 0)."""
+    credentials, an authenticated allocate (released again with Refresh lifetime 0),
+    and with `relay_check` data sent through the relay and back (`_relay_loop`)."""
     try:
         parsed = p.parse_ice_url(url)
     except ValueError as exc:
@@ -219,7 +222,9 @@ async def turn_probe(
         async with asyncio.timeout(timeout_s):
             for _ in range(2):
                 channels.append(await _open(parsed, ssl_context))
-                result = await _turn_exchange(channels[-1], url, username, password)
+                result = await _turn_exchange(
+                    channels[-1], url, username, password, relay_check=relay_check
+                )
                 # 437: the server still holds an allocation for this 5-tuple (a reused
                 # local port). Retry once from another port; the old socket stays open
                 # meanwhile so the new one cannot get the same port.
@@ -234,7 +239,7 @@ async def turn_probe(
 
 
 async def _turn_exchange(
-    ch: _Channel, url: str, username: str | None, password: str | None
+    ch: _Channel, url: str, username: str | None, password: str | None, *, relay_check: bool
 ) -> p.ProbeResult:
     txid = p.new_transaction_id()
     msg, _, rtt = await _transact(ch, p.allocate_request(txid), txid)
@@ -274,13 +279,93 @@ async def _turn_exchange(
             return p.ProbeResult(
                 url, "turn", p.ProbeStatus.ERROR, rtt, detail="response failed MESSAGE-INTEGRITY"
             )
+        relay_rtt, why = (
+            await _relay_loop(ch, creds, got.relayed)
+            if got.relayed and relay_check
+            else (None, None)
+        )
         await _release(ch, creds)
+        if why is not None:
+            return p.ProbeResult(
+                url,
+                "turn",
+                p.ProbeStatus.RELAY_FAILED,
+                rtt,
+                got.mapped,
+                got.relayed,
+                authenticated=True,
+                detail=why,
+            )
         return p.ProbeResult(
-            url, "turn", p.ProbeStatus.OK, rtt, got.mapped, got.relayed, authenticated=True
+            url,
+            "turn",
+            p.ProbeStatus.OK,
+            rtt,
+            got.mapped,
+            got.relayed,
+            authenticated=True,
+            relay_rtt_ms=relay_rtt,
         )
     return p.ProbeResult(
         url, "turn", p.ProbeStatus.ERROR, rtt, error_code=438, detail="stale nonce twice"
     )
+
+
+RELAY_WAIT_S = 1.0
+"""How long the relay loop waits for its data to come back (within the probe's timeout)."""
+
+
+async def _relay_loop(
+    ch: _Channel, creds: p.Credentials, relayed: tuple[str, int]
+) -> tuple[float | None, str | None]:
+    """Prove the allocation relays: data sent to our own relayed address.
+
+    A permission for the relayed address's IP, then a Send indication to it: the server
+    sends the data out of the relay port and straight back in, and hands it to us as a
+    Data indication. An allocation whose relay ports are firewalled, or a relay-ip the
+    server cannot use, fails here although Allocate succeeded (and every relayed call
+    would fail with it). Returns (round trip in ms, None) or (None, why it failed).
+    """
+    for _ in range(2):  # a second round only for a stale nonce
+        txid = p.new_transaction_id()
+        request = p.create_permission_request(txid, creds, relayed)
+        msg, _, _ = await _transact(ch, request, txid)
+        got = p.interpret(msg, authenticated=True)
+        if got.reply is p.Reply.STALE_NONCE and got.nonce is not None:
+            creds = p.Credentials(creds.username, creds.password, creds.realm, got.nonce)
+            continue
+        if got.reply is not p.Reply.SUCCESS:
+            return None, f"CreatePermission refused: {got.code} {got.reason}".strip()
+        break
+    token = os.urandom(16)
+    peer = f"{relayed[0]}:{relayed[1]}"
+    sent = time.perf_counter()
+    try:
+        async with asyncio.timeout(RELAY_WAIT_S):
+            rto = UDP_RTO_S
+            while True:
+                ch.send(p.send_indication(p.new_transaction_id(), relayed, token))
+                try:
+                    async with asyncio.timeout(None if ch.reliable else rto):
+                        while True:
+                            try:
+                                msg = p.decode_message(await ch.recv())
+                            except p.StunParseError:
+                                if ch.reliable:
+                                    raise
+                                continue
+                            got_data = p.data_indication(msg)
+                            if got_data is not None and got_data[1] == token:
+                                return (time.perf_counter() - sent) * 1000.0, None
+                except TimeoutError:
+                    rto *= 2  # UDP: the indication or its relayed copy was lost; again
+    except TimeoutError:
+        return None, (
+            f"allocated {peer}, but data sent through it did not come back in "
+            f"{RELAY_WAIT_S:g} s (relay ports blocked, or the server cannot reach its relay-ip)"
+        )
+    except OSError as exc:
+        return None, f"relay loop through {peer} failed: {exc}"
 
 
 async def _release(ch: _Channel, creds: p.Credentials) -> None:

@@ -30,6 +30,7 @@ from edgeagent.health.system import (
     parse_throttled_text,
     parse_wireless,
 )
+from edgeagent.hw.modem import ModemReader, ModemStatus
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,13 @@ class SystemReader:
         disk_path: Path,
         vcgencmd: str | None = "vcgencmd",
         vcgencmd_timeout_s: float = VCGENCMD_TIMEOUT_S,
+        mmcli: str | None = None,
         clock: Clock | None = None,
     ) -> None:
+        """`mmcli`: ModemManager's CLI, to read a cellular modem (None: not read)."""
         self._root = sysfs_root
+        self._modem_reader = ModemReader(mmcli)
+        self._last_modem: ModemStatus | None = None
         self._disk_path = disk_path
         self._clock: Clock = clock or SystemClock()
         self._warn = _WarnOnce()
@@ -101,6 +106,8 @@ class SystemReader:
         subprocess; the throttled word is then the last one read if sysfs has none."""
         zones = self._thermal_zones()
         wifi = self._wireless()
+        if not quick:  # mmcli is a subprocess (D-Bus): not on the loop
+            self._last_modem = self._modem_reader.read()
         mem_available, mem_total = self._memory()
         rss, fds, threads = self._process()
         return SystemSample(
@@ -115,7 +122,7 @@ class SystemReader:
             thermal_zones=zones,
             throttled=self._throttled(quick),
             disk_free_mb=self._disk_free(),
-            net=self._net(wifi),
+            net=self._net(wifi, self._last_modem),
             board_model=self.board_model(),
             num_fds=fds,
             threads=threads,
@@ -299,7 +306,9 @@ class SystemReader:
             self._warn("disk", "health: disk usage of %s unreadable: %s", self._disk_path, exc)
             return None
 
-    def _net(self, wifi: dict[str, WifiSignal]) -> dict[str, NetInterface]:
+    def _net(
+        self, wifi: dict[str, WifiSignal], modem: ModemStatus | None = None
+    ) -> dict[str, NetInterface]:
         try:
             stats = psutil.net_if_stats()
             addrs = psutil.net_if_addrs()
@@ -319,7 +328,12 @@ class SystemReader:
                 rx_bytes=counters.bytes_recv if counters is not None else None,
                 tx_bytes=counters.bytes_sent if counters is not None else None,
                 wifi=wifi.get(name),
+                modem=modem if modem is not None and modem.interface == name else None,
             )
+        if modem is not None and (modem.interface or "modem") not in out:
+            # The modem's net port is down or unnamed: the modem still reports (searching,
+            # denied registration, no signal), and that is what explains it.
+            out[modem.interface or "modem"] = NetInterface(False, (), None, None, modem=modem)
         return out
 
 
