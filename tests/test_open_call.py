@@ -90,6 +90,16 @@ def _closed(ms: list[Any], call_id: str) -> list[dict[str, Any]]:
     return [e for e in call_events(ms, "dev-1", call_id) if e["category"] == "call.closed"]
 
 
+def _pair(tmp_path: Path, port: int) -> tuple[Path, Path, dict[str, str]]:
+    """dev-1 (a tone on its microphone, echo-1 its default peer), echo-1, and their env."""
+    alsa = bench_alsa(tmp_path)
+    dev = endpoint_config(
+        tmp_path, port, "dev-1", alsa, mic=tone(700.0, 40), call='default_peer = "echo-1"'
+    )
+    echo = endpoint_config(tmp_path, port, "echo-1", alsa)
+    return dev, echo, {"ALSA_CONFIG_PATH": str(alsa.conf)}
+
+
 async def _in_a_call(c: Any, agent: AgentProcess) -> str:
     """Start the agent (it dials the echo peer) and wait for two quality samples."""
     agent.start()
@@ -106,12 +116,7 @@ async def _in_a_call(c: Any, agent: AgentProcess) -> str:
 async def test_a_call_cut_by_sigkill_is_summarised_at_the_next_start_with_its_crash(
     tmp_path: Path, broker: Any
 ) -> None:
-    alsa = bench_alsa(tmp_path)
-    dev = endpoint_config(
-        tmp_path, broker.port, "dev-1", alsa, mic=tone(700.0, 40), call='default_peer = "echo-1"'
-    )
-    echo = endpoint_config(tmp_path, broker.port, "echo-1", alsa)
-    env = {"ALSA_CONFIG_PATH": str(alsa.conf)}
+    dev, echo, env = _pair(tmp_path, broker.port)
     agent = AgentProcess(dev, env=env, args=("--dial", "echo-1"))
     state = tmp_path / "state-dev-1"
     async with echo_peer(echo):
@@ -160,12 +165,7 @@ async def test_a_call_cut_by_sigkill_is_summarised_at_the_next_start_with_its_cr
 async def test_a_call_ended_by_a_clean_stop_is_not_summarised_again_at_the_next_start(
     tmp_path: Path, broker: Any
 ) -> None:
-    alsa = bench_alsa(tmp_path)
-    dev = endpoint_config(
-        tmp_path, broker.port, "dev-1", alsa, mic=tone(700.0, 40), call='default_peer = "echo-1"'
-    )
-    echo = endpoint_config(tmp_path, broker.port, "echo-1", alsa)
-    env = {"ALSA_CONFIG_PATH": str(alsa.conf)}
+    dev, echo, env = _pair(tmp_path, broker.port)
     agent = AgentProcess(dev, env=env, args=("--dial", "echo-1"))
     async with echo_peer(echo):
         try:

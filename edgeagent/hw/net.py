@@ -285,25 +285,15 @@ async def _turn_exchange(
             else (None, None)
         )
         await _release(ch, creds)
-        if why is not None:
-            return p.ProbeResult(
-                url,
-                "turn",
-                p.ProbeStatus.RELAY_FAILED,
-                rtt,
-                got.mapped,
-                got.relayed,
-                authenticated=True,
-                detail=why,
-            )
         return p.ProbeResult(
             url,
             "turn",
-            p.ProbeStatus.OK,
+            p.ProbeStatus.OK if why is None else p.ProbeStatus.RELAY_FAILED,
             rtt,
             got.mapped,
             got.relayed,
             authenticated=True,
+            detail=why or "",
             relay_rtt_ms=relay_rtt,
         )
     return p.ProbeResult(
