@@ -596,7 +596,7 @@ class Agent:
             call_id=self.calls_mgr.active.call_id if self.calls_mgr.active else None,
         )
 
-    # --- the command context (edgeagent.control.server.CommandContext) --------------------
+    # --- the command context (edgeagent.control.context.CommandContext) --------------------
 
     @property
     def device_id(self) -> str:

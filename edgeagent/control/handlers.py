@@ -22,7 +22,7 @@ from edgeagent.control.catalog import CommandError, Status
 from edgeagent.control.profiling import ProfilerBusy, cpu_profile, memory_profile
 
 if TYPE_CHECKING:
-    from edgeagent.control.server import CommandContext
+    from edgeagent.control.context import CommandContext
 
 __all__ = [
     "AfterReply",
