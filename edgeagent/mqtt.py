@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import random
@@ -167,29 +168,43 @@ def _connack_refusal(client: aiomqtt.Client) -> BaseException | None:
     return None
 
 
+_PUBLISH_OUTCOME: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "edgeagent_publish_outcome", default=None
+)
+"""Set by BrokerLink.publish around one message: the reason codes its PUBACK refused with."""
+
+
 def _watch_pubacks(client: aiomqtt.Client, refused: Callable[[str, str], None]) -> None:
     """Call `refused(topic, reason)` for each publish the broker acknowledges with a
     failure reason code; aiomqtt completes those like any other (its `_on_publish`
     drops the reason code). Wraps this connection's paho client; both wrappers only
     observe. Pinned by tests/test_mqtt_refusals.py."""
     paho = client._client
-    topics: dict[int, str] = {}  # mid -> topic, until its PUBACK (or QoS 0 send) is seen
+    # mid -> (topic, the publishing call's outcome list), until its PUBACK (or QoS 0 send)
+    topics: dict[int, tuple[str, list[str] | None]] = {}
     publish = paho.publish
     on_publish: Any = paho.on_publish  # aiomqtt's, set before the client is entered
 
     def tracked(topic: str, *args: Any, **kwargs: Any) -> Any:
         info = publish(topic, *args, **kwargs)
         if info.mid:
-            topics[info.mid] = topic
+            # Called inside the task BrokerLink.publish started: its context holds the
+            # list this one message's refusal goes to.
+            topics[info.mid] = (topic, _PUBLISH_OUTCOME.get())
         return info
 
     def checked(c: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
-        topic = topics.pop(mid, None)
-        value = getattr(reason_code, "value", 0)
-        if topic is not None and isinstance(value, int) and value >= 0x80:
-            refused(topic, str(reason_code))
-        if on_publish is not None:
-            on_publish(c, userdata, mid, reason_code, properties)
+        try:
+            if on_publish is not None:
+                on_publish(c, userdata, mid, reason_code, properties)
+        finally:
+            entry = topics.pop(mid, None)
+            value = getattr(reason_code, "value", 0)
+            if entry is not None and isinstance(value, int) and value >= 0x80:
+                topic, outcome = entry
+                if outcome is not None:
+                    outcome.append(str(reason_code))
+                refused(topic, str(reason_code))
 
     paho.publish = tracked  # type: ignore[method-assign]
     paho.on_publish = checked
@@ -268,7 +283,6 @@ class BrokerLink:
         self._closing = False
         self.publishes_refused = 0  # PUBACKs with a failure reason code (MQTT 5)
         self._refusal_said: dict[str, float] = {}  # topic -> monotonic time of its warning
-        self._in_flight: dict[str, list[int]] = {}  # topic -> [publishes waiting, refusals]
 
     @property
     def v5(self) -> bool:
@@ -284,8 +298,10 @@ class BrokerLink:
         Returns whether the broker granted it now (False: refused, e.g. by its ACL), or
         None when not connected (it is sent at the next connect)."""
         self._subs[topic_filter] = handler
+        # `_client` is set from CONNACK on: a watch while the connection still subscribes
+        # its filters (the list it took may not have this one) subscribes itself.
         client = self._client
-        if client is None or not self.connected.is_set():
+        if client is None:
             return None
         try:
             granted = await client.subscribe(topic_filter, qos=1)
@@ -442,8 +458,6 @@ class BrokerLink:
         """The broker answered a publish with a failure (MQTT 5 PUBACK: its ACL, quota or
         a bad topic): the message is gone and retrying would not help. Said, not silent."""
         self.publishes_refused += 1
-        if topic in self._in_flight:
-            self._in_flight[topic][1] += 1
         now = time.monotonic()
         if now - self._refusal_said.get(topic, -REFUSAL_QUIET_S) < REFUSAL_QUIET_S:
             return
@@ -504,16 +518,13 @@ class BrokerLink:
                 props.CorrelationData = correlation_data
             if user_properties:
                 props.UserProperty = user_properties
-        watch = self._in_flight.setdefault(topic, [0, 0])  # [publishes waiting, refusals]
-        watch[0] += 1
-        refusals = watch[1]
+        refusals: list[str] = []
+        token = _PUBLISH_OUTCOME.set(refusals)  # copied into the send task's context
         try:
             await self._send(client, topic, payload, qos, retain, props, timeout_s)
         finally:
-            watch[0] -= 1
-            if watch[0] == 0:
-                del self._in_flight[topic]
-        return watch[1] == refusals
+            _PUBLISH_OUTCOME.reset(token)
+        return not refusals
 
     async def _send(
         self,

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from edgeagent.health.alerts import system_metrics
+from edgeagent.health.system import NetInterface, SystemSample
 from edgeagent.hw.modem import ModemReader, parse_modem
 from edgeagent.hw.system import SystemReader
 
@@ -158,3 +159,19 @@ def test_the_modem_is_in_metrics_under_its_net_port_and_feeds_the_alert(tmp_path
     # A snapshot on the event loop (quick) does not run mmcli: the last reading stays.
     mode.write_text("fail")
     assert reader.sample(quick=True).net["wwan0"].modem == sample.net["wwan0"].modem
+
+
+def test_a_modem_not_in_use_does_not_feed_the_signal_alert(tmp_path: Path) -> None:
+    """A disabled modem reports 0 %: on a device that uses Wi-Fi that is no alert."""
+    doc = json.loads(json.dumps(MODEM))
+    doc["modem"]["generic"].update(state="disabled", **{"signal-quality": {"value": "0"}})
+    off = parse_modem(doc, {"modem": None})  # mmcli's "modem": null does not raise either
+    assert off is not None and off.signal_pct == 0 and not off.in_use
+    on = parse_modem(MODEM, SIGNAL)
+    assert on is not None and on.in_use
+    net = {"wwan0": NetInterface(False, (), None, None, modem=off)}
+    sample = SystemSample(0.0, None, None, None, None, None, None, None, {}, None, None, net,
+                          "x", None, None)  # fmt: skip
+    assert system_metrics(sample)["modem_signal_pct"] is None
+    net["wwan0"] = NetInterface(False, (), None, None, modem=on)
+    assert system_metrics(sample)["modem_signal_pct"] == 14

@@ -31,7 +31,7 @@ from tcp_relay import TcpRelay
 from edgeagent.agent import Agent, AgentSeams
 from edgeagent.config import MqttConfig, TlsConfig, load_config
 from edgeagent.events import EventBus
-from edgeagent.mqtt import BrokerLink, SessionCounter
+from edgeagent.mqtt import BrokerLink, Inbound, SessionCounter
 
 pytestmark = pytest.mark.broker
 
@@ -477,3 +477,48 @@ async def test_a_peer_that_never_answers_connect_is_left_with_no_open_connection
         server.close()
         await server.wait_closed()
     assert most <= 2, most  # the one in progress (and one being closed)
+
+
+async def test_a_watch_made_while_the_link_is_still_connecting_is_subscribed(
+    tmp_path: Path,
+    broker,  # type: ignore[no-untyped-def]
+) -> None:
+    """Between CONNACK and `connected` (the birth is being published) the link has taken
+    its list of filters; a watch then (a call starting as the link comes up) must still
+    subscribe, not wait for the next reconnect."""
+    async with collector(broker.port, "edge/v1/nothing") as other:
+        await other.client.publish(
+            "edge/v1/peer-1/status", b'{"state": "online"}', qos=1, retain=True
+        )
+    gap, release = asyncio.Event(), asyncio.Event()
+
+    async def on_connected(session: int) -> None:
+        gap.set()
+        await release.wait()
+
+    link = BrokerLink(
+        link_cfg(broker.port),
+        "dev-1",
+        sessions=SessionCounter(tmp_path / "session"),
+        will=lambda s: ("edge/v1/dev-1/status", b"{}"),
+        on_connected=on_connected,
+        bus=EventBus(),
+    )
+    got: list[Inbound] = []
+    task = asyncio.create_task(link.run())
+    try:
+        await asyncio.wait_for(gap.wait(), 10)
+        assert not link.connected.is_set()
+        assert await link.watch("edge/v1/peer-1/status", got.append) is True
+        release.set()
+        await asyncio.wait_for(link.connected.wait(), 10)
+        async with asyncio.timeout(10):
+            while not got:
+                await asyncio.sleep(0.01)  # the retained status on a live connection
+    finally:
+        release.set()
+        await link.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert got[0].payload == b'{"state": "online"}' and got[0].retain

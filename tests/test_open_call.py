@@ -17,7 +17,15 @@ import msgspec
 import pytest
 from agent_support import AgentProcess, collector
 from alsa_support import bench_alsa, tone
-from call_support import call_events, echo_peer, endpoint_config, events, summaries
+from call_support import (
+    alsa_env,
+    call_events,
+    echo_peer,
+    endpoint_config,
+    events,
+    running,
+    summaries,
+)
 from schema_support import assert_valid
 
 from edgeagent.call.ledger import MAX_BYTES, OPEN_CALL, OpenCallLedger
@@ -189,3 +197,30 @@ async def test_a_call_ended_by_a_clean_stop_is_not_summarised_again_at_the_next_
     assert [s["call_id"] for s in summaries(c.messages, "dev-1")] == [call_id]
     assert len(_closed(c.messages, call_id)) == 1
     assert not c.on("/crash")
+
+
+@pytest.mark.broker
+async def test_a_refused_offer_reusing_the_active_calls_id_leaves_its_record(
+    tmp_path: Path,
+    broker: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refused offer writes no open-call record, so its summary must not remove one:
+    here another endpoint's offer carries the call_id of the call in progress."""
+    alsa = alsa_env(tmp_path, monkeypatch)
+    cfg = endpoint_config(tmp_path, broker.port, "dev-b", alsa, call='allow = ["dev-x"]')
+    async with collector(broker.port, "edge/v1/#") as c, running(cfg) as b:
+        call = await b.calls_mgr.dial("nobody-home")  # offering: the record is written
+        ledger = b.calls_mgr._ledger
+        assert ledger is not None
+        ledger.flush()
+        assert ledger.path.exists()
+        intruder = {"v": 1, "type": "offer", "call_id": call.call_id, "from": "dev-y",
+                    "to": "dev-b", "ts": 1.0, "sdp": "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n",
+                    "traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"}  # fmt: skip
+        await c.client.publish("edge/v1/dev-b/signal", json.dumps(intruder).encode(), qos=1)
+        await c.wait_for(lambda ms: summaries(ms, "dev-b"))  # dev-y refused: forbidden
+        ledger.flush()
+        record = msgspec.json.decode(ledger.path.read_bytes(), type=p.Summary)
+        assert (record.call_id, record.peer) == (call.call_id, "nobody-home")
+        assert b.calls_mgr.active is call

@@ -75,6 +75,21 @@ async def test_an_older_sessions_will_does_not_hide_a_peer_that_is_back() -> Non
     assert changes == [("peer-1", "online"), ("peer-1", "lost"), ("peer-1", "offline")]
 
 
+async def test_a_status_with_an_impossible_ts_is_not_taken() -> None:
+    """The far end writes ts: one past what gmtime renders (or NaN) must not make
+    describing it raise inside a failing call's ending (its summary would be lost)."""
+    link = _Link()
+    peers = PeerPresence(link, "edge/v1", time_fn=lambda: 1060.0)  # type: ignore[arg-type]
+    peers.watch("peer-1")
+    await asyncio.sleep(0)
+    _deliver(link, "peer-1", _status("online", 1))
+    for ts in ("1e20", "NaN", "-5"):
+        payload = _status("lost", 2).replace(b'"ts": 1000.0', f'"ts": {ts}'.encode())
+        _deliver(link, "peer-1", payload)
+    assert peers.status("peer-1").state == "online"  # type: ignore[union-attr]
+    assert peers._when(1e20) == "at ts 1e+20"  # and describing one could not raise
+
+
 async def test_a_retained_will_is_dated_by_its_connect_and_a_refused_watch_is_said() -> None:
     link = _Link()
     peers = PeerPresence(link, "edge/v1", time_fn=lambda: 1000.0 + 7200)  # type: ignore[arg-type]

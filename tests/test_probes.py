@@ -534,3 +534,17 @@ async def test_the_relay_loop_can_be_turned_off() -> None:
         transport.close()
     assert r.status is p.ProbeStatus.OK and r.relay_rtt_ms is None
     assert [m for m, _ in proto.seen if m in (p.CREATE_PERMISSION, p.SEND)] == []
+
+
+async def test_a_relay_check_fits_the_probes_timeout_and_still_releases() -> None:
+    """With a 1 s probe, the relay wait shrinks to what is left (less the release's
+    share): the verdict is relay_failed, not "unreachable", and the allocation is freed."""
+    proto, transport, port = await _scripted(bad_integrity=False, relays=False)
+    try:
+        r = await net.turn_probe(
+            f"turn:127.0.0.1:{port}", username=TURN_USER, password=TURN_PASSWORD, timeout_s=1.0
+        )
+    finally:
+        transport.close()
+    assert r.status is p.ProbeStatus.RELAY_FAILED, r.detail
+    assert proto.seen[-1] == (p.REFRESH, b"n2")

@@ -419,7 +419,7 @@ class CallManager:
             trace_id=call.trace_id,
         )
         call.result, call.end_reason = "rejected", end_reason or reason
-        self._summary(call)
+        self._summary(call, opened=False)
         call.spans.end_call("rejected", end_reason=call.end_reason)
 
     def close(self) -> None:
@@ -535,6 +535,8 @@ class CallManager:
                     call, reason, result="missed" if reason == "ring_timeout" else "rejected"
                 )
                 return
+        if call.state == "ended":  # stopped (or hung up) while it rang
+            return
         self._event(call, "info", "call.answered", "answering")
         call.state = "connecting"
         self._on_health("connecting", ())
@@ -586,6 +588,8 @@ class CallManager:
                 await self._finish(call, f"rejected_{reply.reason or 'unknown'}", result="rejected")
                 return
             assert reply.sdp is not None
+            if call.state == "ended":  # hung up while the answer came in
+                return
             call.state = "connecting"
             await session.accept_answer(reply.sdp)
             await self._connect_and_run(call, session)
@@ -626,6 +630,8 @@ class CallManager:
 
     async def _connect_and_run(self, call: Call, session: CallSession) -> None:
         await session.wait_connected(self.cfg.call.connect_timeout_s)
+        if call.state == "ended":  # ended (hangup, stop) while connecting: it stays ended
+            return
         call.connected_mono = self.clock.monotonic()
         call.setup_ms = round((call.connected_mono - call.started_mono) * 1000, 1)
         call.state = "active"
@@ -712,11 +718,15 @@ class CallManager:
         if result == "failed" and reason not in AGENT_SIDE_FAILURES:
             # Unanswered, never connected, media gone: what the broker says of the far
             # end tells "it is down" from "the path between us is".
-            presence = self.peers.describe(call.peer)
-            detail = f"{detail}; {presence}" if detail else presence
-            status = self.peers.status(call.peer)
-            data["detail"] = detail
-            data["peer_status"] = status.to_dict() if status else None
+            try:
+                presence = self.peers.describe(call.peer)
+                status = self.peers.status(call.peer)
+            except Exception:  # context only: it must never cost the call its record
+                logger.exception("call %s: the far end's presence", call.call_id)
+            else:
+                detail = f"{detail}; {presence}" if detail else presence
+                data["detail"] = detail
+                data["peer_status"] = status.to_dict() if status else None
         level: p.Level = "info" if result == "completed" else "warning"
         self._event(
             call,
@@ -736,7 +746,9 @@ class CallManager:
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
 
-    def _summary(self, call: Call) -> p.Summary:
+    def _summary(self, call: Call, *, opened: bool = True) -> p.Summary:
+        """Spool the call's summary; `opened`: it had an open-call record to remove (a
+        refused offer has none, and may reuse the active call's call_id)."""
         self.history.append(call)
         del self.history[:-50]
         self._on_finished(call)
@@ -745,7 +757,7 @@ class CallManager:
             self.topics.summary(call.call_id),
             lambda seq: msgspec.structs.replace(summary, seq=seq),
         )
-        if self._ledger is not None:
+        if self._ledger is not None and opened:
             self._ledger.clear(call.call_id)
         return summary
 

@@ -59,6 +59,7 @@ class PeerStatus:
 
 
 STATES = frozenset({"online", "offline", "lost"})
+MAX_TS = 253402300800.0  # 10000-01-01: past it, gmtime cannot render a status's time
 
 
 class PeerPresence:
@@ -131,7 +132,11 @@ class PeerPresence:
 
     def _when(self, ts: float) -> str:
         ago = max(0.0, self._time() - ts)
-        return f"at {time.strftime('%H:%M:%S', time.gmtime(ts))} UTC, {_ago(ago)} ago"
+        try:
+            clock = time.strftime("%H:%M:%S", time.gmtime(ts))
+        except (OverflowError, OSError, ValueError):
+            return f"at ts {ts!r}"
+        return f"at {clock} UTC, {_ago(ago)} ago"
 
     async def _subscribe(self, peer: str) -> None:
         try:
@@ -164,6 +169,9 @@ class PeerPresence:
             return
         if st.state not in STATES:
             logger.info("calls: unknown state %r in %s's status", st.state[:32], peer)
+            return
+        if not 0.0 <= st.ts < MAX_TS:  # NaN fails too; the far end wrote it, not us
+            logger.info("calls: %s's status has an impossible ts %r", peer, st.ts)
             return
         reason = st.reason[:200] if isinstance(st.reason, str) else None
         if st.state == "online":

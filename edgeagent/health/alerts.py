@@ -398,7 +398,8 @@ def system_metrics(sample: SystemSample) -> dict[str, float | None]:
         "soft_temp_limit": flag(None if now is None else "soft_temp_limit" in now),
         "under_voltage": flag(None if now is None else "under_voltage" in now),
         "modem_signal_pct": next(
-            (i.modem.signal_pct for i in sample.net.values() if i.modem is not None), None
+            (i.modem.signal_pct for i in sample.net.values() if i.modem and i.modem.in_use),
+            None,
         ),
     }
 

@@ -26,6 +26,11 @@ logger = logging.getLogger(__name__)
 TIMEOUT_S = 3.0
 
 
+ENABLED_STATES = frozenset({"searching", "registered", "connecting", "connected", "disconnecting"})
+"""States of a modem in use (ModemManager's): its signal % means something. A disabled
+or idle modem reports 0 %, which must not alert on a device that uses Wi-Fi instead."""
+
+
 @dataclass(frozen=True)
 class ModemStatus:
     state: str | None  # connected, registered, searching, disabled, failed, ...
@@ -38,6 +43,10 @@ class ModemStatus:
     rsrq_db: float | None = None
     snr_db: float | None = None
     rssi_dbm: float | None = None
+
+    @property
+    def in_use(self) -> bool:
+        return self.state in ENABLED_STATES
 
     def to_fields(self) -> dict[str, Any]:
         return {
@@ -105,7 +114,7 @@ def parse_modem(doc: Any, signal: Any = None) -> ModemStatus | None:
         registration=_text(gpp.get("registration-state")),
         interface=interface,
     )
-    sig = signal.get("modem", {}).get("signal") if isinstance(signal, dict) else None
+    sig = _section(signal, "modem").get("signal") if isinstance(signal, dict) else None
     if isinstance(sig, dict):
         # The newest technology that reports anything: 5G, then LTE, then UMTS/GSM.
         for tech_key in ("5g", "lte", "umts", "gsm"):

@@ -218,12 +218,18 @@ async def turn_probe(
     except ValueError as exc:
         return p.ProbeResult(url, "turn", p.ProbeStatus.ERROR, detail=str(exc))
     channels: list[_Channel] = []
+    deadline = asyncio.get_running_loop().time() + timeout_s
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout_at(deadline):
             for _ in range(2):
                 channels.append(await _open(parsed, ssl_context))
                 result = await _turn_exchange(
-                    channels[-1], url, username, password, relay_check=relay_check
+                    channels[-1],
+                    url,
+                    username,
+                    password,
+                    relay_check=relay_check,
+                    deadline=deadline,
                 )
                 # 437: the server still holds an allocation for this 5-tuple (a reused
                 # local port). Retry once from another port; the old socket stays open
@@ -239,7 +245,13 @@ async def turn_probe(
 
 
 async def _turn_exchange(
-    ch: _Channel, url: str, username: str | None, password: str | None, *, relay_check: bool
+    ch: _Channel,
+    url: str,
+    username: str | None,
+    password: str | None,
+    *,
+    relay_check: bool,
+    deadline: float,
 ) -> p.ProbeResult:
     txid = p.new_transaction_id()
     msg, _, rtt = await _transact(ch, p.allocate_request(txid), txid)
@@ -279,11 +291,15 @@ async def _turn_exchange(
             return p.ProbeResult(
                 url, "turn", p.ProbeStatus.ERROR, rtt, detail="response failed MESSAGE-INTEGRITY"
             )
-        relay_rtt, why = (
-            await _relay_loop(ch, creds, got.relayed)
-            if got.relayed and relay_check
-            else (None, None)
-        )
+        relay_rtt, why, note = None, None, ""
+        if got.relayed and relay_check:
+            # What the probe's timeout leaves, less the release's share: a slow link must
+            # not turn a relay verdict into "unreachable" (and skip the release).
+            wait_s = min(RELAY_WAIT_S, deadline - asyncio.get_running_loop().time() - 0.5)
+            if wait_s >= 0.2:
+                relay_rtt, why = await _relay_loop(ch, creds, got.relayed, wait_s)
+            else:
+                note = "relay not checked: the probe's timeout ran out"
         await _release(ch, creds)
         return p.ProbeResult(
             url,
@@ -293,7 +309,7 @@ async def _turn_exchange(
             got.mapped,
             got.relayed,
             authenticated=True,
-            detail=why or "",
+            detail=why or note,
             relay_rtt_ms=relay_rtt,
         )
     return p.ProbeResult(
@@ -306,7 +322,7 @@ RELAY_WAIT_S = 1.0
 
 
 async def _relay_loop(
-    ch: _Channel, creds: p.Credentials, relayed: tuple[str, int]
+    ch: _Channel, creds: p.Credentials, relayed: tuple[str, int], wait_s: float = RELAY_WAIT_S
 ) -> tuple[float | None, str | None]:
     """Prove the allocation relays: data sent to our own relayed address.
 
@@ -327,11 +343,13 @@ async def _relay_loop(
         if got.reply is not p.Reply.SUCCESS:
             return None, f"CreatePermission refused: {got.code} {got.reason}".strip()
         break
+    else:
+        return None, "CreatePermission refused: stale nonce twice"
     token = os.urandom(16)
     peer = f"{relayed[0]}:{relayed[1]}"
     sent = time.perf_counter()
     try:
-        async with asyncio.timeout(RELAY_WAIT_S):
+        async with asyncio.timeout(wait_s):
             rto = UDP_RTO_S
             while True:
                 ch.send(p.send_indication(p.new_transaction_id(), relayed, token))
@@ -352,7 +370,7 @@ async def _relay_loop(
     except TimeoutError:
         return None, (
             f"allocated {peer}, but data sent through it did not come back in "
-            f"{RELAY_WAIT_S:g} s (relay ports blocked, or the server cannot reach its relay-ip)"
+            f"{wait_s:.1f} s (relay ports blocked, or the server cannot reach its relay-ip)"
         )
     except OSError as exc:
         return None, f"relay loop through {peer} failed: {exc}"
