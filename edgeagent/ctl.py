@@ -48,6 +48,7 @@ __all__ = [
     "run_main",
     "send_command",
     "send_local",
+    "summary_notes",
     "with_call_token",
 ]
 
@@ -408,6 +409,25 @@ def _cmd_keygen(ns: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def summary_notes(s: dict[str, Any]) -> str:
+    """What else a summary says that explains a bad call, in a few words: the crash that
+    cut it, seconds without inbound audio, device alerts and audio issues during it."""
+    notes: list[str] = []
+    crash = s.get("crash_id")
+    if isinstance(crash, str):
+        notes.append(f"crash {crash[:8]}")
+    no_media = s.get("no_media_s")
+    if isinstance(no_media, int | float) and no_media > 0:
+        notes.append(f"no media {no_media:g} s")
+    alerts = s.get("device_alerts")
+    if isinstance(alerts, list) and alerts:
+        notes.append("device: " + ", ".join(str(a) for a in alerts[:4]))
+    issues = s.get("audio_issues")
+    if isinstance(issues, dict) and issues:
+        notes.append("audio: " + ", ".join(str(k) for k in sorted(issues)[:4]))
+    return "; ".join(notes)
+
+
 def with_call_token(
     args: dict[str, Any], private_jwk: str, kid: str, *, lifetime_s: int = 60
 ) -> dict[str, Any]:
@@ -541,7 +561,8 @@ async def _cmd_calls(ns: argparse.Namespace, console: Console) -> int:
             print(json.dumps(s, sort_keys=True))
         return 0
     t = Table(title=f"{root}: calls")
-    for col in ("started", "call_id", "dir", "peer", "result", "reason", "dur s", "mos", "loss%"):
+    for col in ("started", "call_id", "dir", "peer", "result", "reason", "dur s", "mos", "loss%",
+                "notes"):  # fmt: skip
         t.add_column(col)
     for s in summaries:
         ts = s.get("started_ts") or s.get("ts")
@@ -556,6 +577,7 @@ async def _cmd_calls(ns: argparse.Namespace, console: Console) -> int:
             str(s.get("duration_s")),
             str(s.get("mos_avg")),
             str(s.get("loss_pct")),
+            summary_notes(s),
         )
     console.print(t)
     if not summaries:

@@ -254,3 +254,18 @@ def test_call_token_args_are_what_the_callee_verifies(tmp_path: Path) -> None:
     with pytest.raises(ctl.CtlError, match="needs peer=ID"):
         ctl.with_call_token({}, private, "op")
     assert ctl.main(["cmd", "dev-a", "ping", "--call-token", "--open"]) == ctl.EXIT_USAGE
+
+
+def test_summary_notes_say_what_explains_a_bad_call() -> None:
+    lost = {
+        "end_reason": "agent_lost",
+        "crash_id": "6f0c1d2e-aaaa-bbbb",
+        "no_media_s": 0.0,
+        "device_alerts": ["thermal_throttled"],
+        "audio_issues": {"no_audio": 1, "echo": 2},
+    }
+    assert ctl.summary_notes(lost) == (
+        "crash 6f0c1d2e; device: thermal_throttled; audio: echo, no_audio"
+    )
+    assert ctl.summary_notes({"no_media_s": 9.0, "audio_issues": {}}) == "no media 9 s"
+    assert ctl.summary_notes({"device_alerts": None, "crash_id": None}) == ""
