@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,28 @@ def test_writes_land_in_order_and_only_the_calls_own_summary_removes_its_record(
     ledger.close()  # what is pending is done before close returns
     assert not ledger.path.exists()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_record_goes_as_the_summary_is_spooled_and_a_queued_write_does_not_return_it(
+    tmp_path: Path,
+) -> None:
+    """clear() removes the file at once (no kill can fall between the summary's commit
+    and the removal); a write still queued on the ledger's thread for that call, or one
+    for a call before it, is dropped."""
+    ledger = OpenCallLedger(tmp_path / OPEN_CALL)
+    ledger.write("c-1", b'{"n":1}', durable=False)
+    ledger.flush()
+    gate = threading.Event()
+    ledger._io.submit(gate.wait)  # the ledger's thread is busy (an fsync, say)
+    ledger.write("c-1", b'{"n":2}', durable=True)  # a quality sample's refresh, queued
+    ledger.clear("c-1")  # the call ended: removed now, on this thread
+    assert not ledger.path.exists()
+    ledger.write("c-2", b'{"n":3}', durable=False)  # the next call begins
+    ledger._io.submit(lambda: None)
+    gate.set()
+    ledger.flush()
+    assert json.loads(ledger.path.read_bytes()) == {"n": 3}  # c-1's late write dropped
+    ledger.close()
 
 
 def test_take_returns_the_previous_runs_record_once(tmp_path: Path) -> None:

@@ -41,20 +41,26 @@ class OpenCallLedger:
         self.path = path
         self.call_id: str | None = None  # whose record the file holds (or will, once written)
         self._warned: set[str] = set()
-        # The file work runs in order on one thread: an fsync on an SD card can take tens
-        # of ms, which the event loop (and a call being set up) must not wait for.
+        # Writes run in order on one thread: an fsync on an SD card can take tens of ms,
+        # which the event loop (and a call being set up) must not wait for. The removal
+        # runs on the caller's thread, right after the summary is committed, so no kill
+        # can fall between the two; the lock keeps a queued write from bringing it back.
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="open-call")
+        self._lock = threading.Lock()
 
     def write(self, call_id: str, doc: bytes, *, durable: bool) -> None:
         """Replace the record with call `call_id`'s `doc`; `durable` fsyncs it and the dir."""
         self.call_id = call_id
-        self._submit(self._write, doc, durable)
+        self._submit(self._write, call_id, doc, durable)
 
     def clear(self, call_id: str) -> None:
-        """Call `call_id`'s summary is spooled: its open record goes (another call's stays)."""
-        if call_id == self.call_id:
+        """Call `call_id`'s summary is spooled: its open record goes now (another call's
+        stays). Waits for a write in progress (at most one small write and its fsync)."""
+        if call_id != self.call_id:
+            return
+        with self._lock:
             self.call_id = None
-            self._submit(self._remove)
+            self._remove()
 
     def flush(self) -> None:
         """Wait until every write and removal asked for so far is done."""
@@ -71,7 +77,12 @@ class OpenCallLedger:
         except RuntimeError:  # closed (the agent is stopping): do it here
             fn(*args)
 
-    def _write(self, doc: bytes, durable: bool) -> None:
+    def _write(self, call_id: str, doc: bytes, durable: bool) -> None:
+        with self._lock:
+            if call_id == self.call_id:  # not cleared, nor another call begun, meanwhile
+                self._write_file(doc, durable)
+
+    def _write_file(self, doc: bytes, durable: bool) -> None:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
