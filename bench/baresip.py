@@ -10,7 +10,9 @@ bench/speech.py; `--signal sine` for the earlier tone sweep) and `aubridge` as a
 player. Never an ALSA file PCM as
 the player: baresip busy-loops on it and fills the disk. The callee auto-answers and
 loads no UI module; the caller loads `menu` only to take the `/dial` command, with its
-once-per-100 ms status line switched off (`/statmode`) so it does not cost CPU.
+once-per-100 ms status line switched off (`statmode_default off`) so it does not cost
+CPU. `--secure` runs the media over DTLS-SRTP (the `dtls_srtp` module), as every call of
+the agent's does; by default baresip sends plain RTP.
 CPU is utime + stime from /proc/<pid>/stat over the window, per endpoint.
 """
 
@@ -106,9 +108,14 @@ def source_wav(path: Path, seconds: float, signal: str = "speech") -> Path:
     return path
 
 
-def write_instance(home: Path, name: str, sip_port: int, rtp_port: int, wav: Path) -> None:
+def write_instance(
+    home: Path, name: str, sip_port: int, rtp_port: int, wav: Path, secure: bool = False
+) -> None:
     home.mkdir(parents=True, exist_ok=True)
-    ui = "module_app menu.so\n" if name == "caller" else ""
+    # the caller's menu takes the /dial; its once-per-100 ms status line is switched off
+    ui = "module_app menu.so\nstatmode_default off\n" if name == "caller" else ""
+    # DTLS-SRTP, as a WebRTC endpoint must run it (baresip's default is plain RTP)
+    enc = "module dtls_srtp.so\n" if secure else ""
     (home / "config").write_text(
         f"""poll_method epoll
 sip_listen 127.0.0.1:{sip_port}
@@ -130,14 +137,16 @@ module_path {MODULES}
 module opus.so
 module aufile.so
 module aubridge.so
-module_app account.so
+{enc}module_app account.so
 {ui}opus_bitrate 32000
 opus_stereo no
 opus_sprop_stereo no
 """
     )
     (home / "accounts").write_text(
-        f"<sip:{name}@127.0.0.1:{sip_port}>;regint=0;answermode=auto;audio_codecs=opus/48000/2\n"
+        f"<sip:{name}@127.0.0.1:{sip_port}>;regint=0;answermode=auto;audio_codecs=opus/48000/2"
+        + (";mediaenc=dtls_srtp" if secure else "")
+        + "\n"
     )
     (home / "contacts").write_text("")
 
@@ -148,11 +157,14 @@ class BaresipPair:
     callee: subprocess.Popen[bytes]
     caller_log: Path
     callee_log: Path
+    secure: bool = False
 
     def established(self) -> bool:
         text = self.caller_log.read_text(errors="replace") + self.callee_log.read_text(
             errors="replace"
         )
+        if self.secure and text.count("DTLS-SRTP complete (audio/RTP)") < 2:
+            return False
         return text.count("Call established") >= 2
 
 
@@ -163,13 +175,15 @@ def _rtp_ports() -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def baresip_pair(tmp: Path, call_s: float, signal: str = "speech") -> Iterator[BaresipPair]:
+def baresip_pair(
+    tmp: Path, call_s: float, signal: str = "speech", secure: bool = False
+) -> Iterator[BaresipPair]:
     """Two baresip processes in a call with each other for up to `call_s` seconds."""
     wav = source_wav(tmp / "source.wav", call_s + 30, signal)
     caller_port, callee_port = free_udp_tcp_port(), free_udp_tcp_port()
     rtp_a, rtp_b = _rtp_ports()
-    write_instance(tmp / "caller", "caller", caller_port, rtp_a, wav)
-    write_instance(tmp / "callee", "callee", callee_port, rtp_b, wav)
+    write_instance(tmp / "caller", "caller", caller_port, rtp_a, wav, secure)
+    write_instance(tmp / "callee", "callee", callee_port, rtp_b, wav, secure)
     logs = tmp / "caller.log", tmp / "callee.log"
     with open(logs[1], "wb") as out:
         callee = subprocess.Popen(
@@ -193,15 +207,13 @@ def baresip_pair(tmp: Path, call_s: float, signal: str = "speech") -> Iterator[B
                     "-f",
                     str(tmp / "caller"),
                     "-e",
-                    "/statmode",
-                    "-e",
                     f"/dial sip:callee@127.0.0.1:{callee_port}",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        pair = BaresipPair(caller, callee, *logs)
+        pair = BaresipPair(caller, callee, *logs, secure=secure)
         deadline = time.monotonic() + 15
         while not pair.established():
             if time.monotonic() > deadline or caller.poll() is not None:
@@ -236,15 +248,17 @@ def measure(
     settle_s: float = 4.0,
     perf_dir: Path | None = None,
     signal: str = "speech",
+    secure: bool = False,
 ) -> BaresipResult:
     """CPU ms per call-second of each endpoint over `window_s`, after `settle_s` of media.
 
-    Both endpoints send `signal` (see `source_wav`).
+    Both endpoints send `signal` (see `source_wav`); with `secure`, the media runs over
+    DTLS-SRTP as the agent's does (and the call must say so in both logs).
     With `perf_dir`, both endpoints are also sampled with Linux perf over the same
     window and the result carries their CPU by library (bench/cpusplit.py).
     """
     with tempfile.TemporaryDirectory(prefix="bench-baresip-") as d:
-        with baresip_pair(Path(d), settle_s + window_s + 10, signal) as pair:
+        with baresip_pair(Path(d), settle_s + window_s + 10, signal, secure) as pair:
             time.sleep(settle_s)  # media starts ~3 s after the 200 OK in 1.0.0's aufile
             pids = (pair.caller.pid, pair.callee.pid)
             recs = (
@@ -280,12 +294,14 @@ def main() -> None:
         default="speech",
         help="what both endpoints send (default: the agent bench's speech)",
     )
+    parser.add_argument("--secure", action="store_true", help="media over DTLS-SRTP")
     args = parser.parse_args()
     if not available():
         raise SystemExit("baresip-core is not installed")
-    r = measure(args.window_s, signal=args.signal)
+    r = measure(args.window_s, signal=args.signal, secure=args.secure)
+    media = "DTLS-SRTP" if args.secure else "plain RTP"
     print(
-        f"baresip 1.0.0 ({args.signal}), {r.window_s:.1f} s window: "
+        f"baresip 1.0.0 ({args.signal}, {media}), {r.window_s:.1f} s window: "
         f"caller {r.cpu_ms_per_call_s[0]:.1f}, "
         f"callee {r.cpu_ms_per_call_s[1]:.1f} ms CPU per call-second "
         f"(per endpoint {r.per_endpoint_ms:.1f}); RSS {r.rss_mib[0]:.1f} / {r.rss_mib[1]:.1f} MiB"

@@ -829,7 +829,7 @@ async def main_async(args: argparse.Namespace) -> None:
         perf_dir = tmp if args.perf else None
         conf = write_asoundrc(tmp, settle_s + args.window_s + 30)
         env = {"ALSA_CONFIG_PATH": str(conf)}
-        ref = ref_sine = None
+        ref = ref_sine = ref_secure = None
         alone: dict[str, float] = {}
         alone_paced: float | None = None
         if baresip.available():
@@ -839,6 +839,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 f"baresip on the earlier tone sweep: {args.window_s:.0f} s window ...", flush=True
             )
             ref_sine = baresip.measure(args.window_s, settle_s=4.0, signal="sine")
+            print(f"baresip with DTLS-SRTP: {args.window_s:.0f} s window ...", flush=True)
+            ref_secure = baresip.measure(args.window_s, settle_s=4.0, secure=True)
             print("the agent's audio work alone (bench/instructions.py --time) ...", flush=True)
             alone, alone_paced = audio_work_alone()
         else:
@@ -960,6 +962,14 @@ async def main_async(args: argparse.Namespace) -> None:
             "",
             f"caller {ref.cpu_ms_per_call_s[0]:.1f}, callee {ref.cpu_ms_per_call_s[1]:.1f}; "
             f"RSS {ref.rss_mib[0]:.1f} MiB; sending the agent's bench speech",
+        )
+    if ref_secure is not None:
+        row(
+            "  baresip with DTLS-SRTP (ms CPU per s)",
+            f"{ref_secure.per_endpoint_ms:.1f}",
+            "",
+            f"ratio on it {ic.cpu_ms_per_s / ref_secure.per_endpoint_ms:.2f}; "
+            "the media security the agent's WebRTC calls always run",
         )
     if ref_sine is not None:
         row(
