@@ -380,6 +380,8 @@ class CallManager:
     def _on_hangup(self, msg: p.Signal) -> None:
         call = self.active
         if call is None or call.call_id != msg.call_id or call.peer != msg.from_:
+            # Both ends hang up at once often enough: said, at DEBUG, not reported.
+            logger.debug("signaling: hangup of %s from %s: not our call", msg.call_id, msg.from_)
             return
         if call.accept is not None and not call.accept.done():
             call.extra["remote_cancel"] = True

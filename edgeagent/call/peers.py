@@ -167,6 +167,9 @@ class PeerPresence:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             logger.info("calls: unusable status from %s: %s", peer, exc)
             return
+        except RecursionError:  # nested past msgspec's depth limit, even in an ignored field
+            logger.info("calls: unusable status from %s: JSON nested too deeply", peer)
+            return
         if st.state not in STATES:
             logger.info("calls: unknown state %r in %s's status", st.state[:32], peer)
             return

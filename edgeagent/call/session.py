@@ -64,6 +64,17 @@ from edgeagent.telemetry.tracing import CallTracer
 
 logger = logging.getLogger(__name__)
 
+# What aiortc raises for a remote description it cannot use (bare internal errors).
+_AIORTC_REFUSALS = (
+    ValueError,
+    KeyError,
+    AttributeError,
+    AssertionError,
+    InvalidAccessError,
+    InvalidStateError,
+    OperationError,
+)
+
 REMOTE_CLOSE_GRACE_S = 2.0
 MOS_GOOD = 3.6
 MOS_DEGRADED = 3.1
@@ -384,13 +395,21 @@ class CallSession:
         await self._set_remote(offer_sdp, "offer")
         self.pc.addTrack(self.track)
         self._after_remote(offer_sdp)
-        answer = await self.pc.createAnswer()
-        restrict_host_addresses(
-            self.pc,
-            self.cfg.ice.host_addresses or None,
-            gather_timeout_s=self.cfg.ice.gather_timeout_s,
-        )
-        await self._set_local(RTCSessionDescription(munge_sdp(answer.sdp, self.opus), "answer"))
+        try:
+            # An offer aiortc took in may still be one it cannot answer (media sections
+            # it cannot mirror: two data channels, an m=text, broken video sections).
+            answer = await self.pc.createAnswer()
+            restrict_host_addresses(
+                self.pc,
+                self.cfg.ice.host_addresses or None,
+                gather_timeout_s=self.cfg.ice.gather_timeout_s,
+            )
+            local = RTCSessionDescription(munge_sdp(answer.sdp, self.opus), "answer")
+            await self._set_local(local)
+        except _AIORTC_REFUSALS as exc:
+            raise CallEnded(
+                "error", f"unusable offer: aiortc cannot answer it ({type(exc).__name__}: {exc})"
+            ) from exc
         self._begin("ice.connect")  # checks run while the answer travels to the caller
         return self._signalled_sdp()
 
@@ -401,15 +420,7 @@ class CallSession:
             raise CallEnded("error", f"unusable {kind}: {problem}")
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp, kind))
-        except (
-            ValueError,
-            KeyError,
-            AttributeError,
-            AssertionError,
-            InvalidAccessError,
-            InvalidStateError,
-            OperationError,
-        ) as exc:
+        except _AIORTC_REFUSALS as exc:
             # What aiortc raises for an SDP it cannot use, named, so the summary says
             # more than "KeyError".
             raise CallEnded(

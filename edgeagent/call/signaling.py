@@ -48,15 +48,20 @@ def decode_signal(payload: bytes, *, me: str) -> Signal:
         raise SignalError(f"not JSON: {exc}") from None
     except RecursionError:
         raise SignalError("JSON nested too deeply", **_peek(payload)) from None
-    ids = {"call_id": msg.call_id, "sender": msg.from_}
+    # Only well-formed ids address a reject: a sender id becomes a topic level (a wildcard
+    # or a NUL there fails the publish, or gets the link disconnected by the broker).
+    ids = {
+        "call_id": msg.call_id if CALL_ID.match(msg.call_id) else None,
+        "sender": msg.from_ if ENDPOINT_ID.match(msg.from_) else None,
+    }
     if msg.v != PROTOCOL_VERSION:
-        raise SignalError(f"unsupported version {msg.v}", **ids)
-    if not ENDPOINT_ID.match(msg.from_):
-        raise SignalError(f"bad sender id {msg.from_!r}", **ids)
-    if not CALL_ID.match(msg.call_id):
-        raise SignalError(f"bad call_id {msg.call_id!r}", **ids)
+        raise SignalError(f"unsupported version {str(msg.v)[:32]}", **ids)
+    if ids["sender"] is None:
+        raise SignalError(f"bad sender id {msg.from_[:64]!r}", **ids)
+    if ids["call_id"] is None:
+        raise SignalError(f"bad call_id {msg.call_id[:64]!r}", **ids)
     if msg.to != me:
-        raise SignalError(f"addressed to {msg.to!r}, not {me!r}", **ids)
+        raise SignalError(f"addressed to {msg.to[:64]!r}, not {me!r}", **ids)
     if msg.type in ("offer", "answer") and (not msg.sdp or "m=audio" not in msg.sdp):
         raise SignalError(f"{msg.type} without an audio SDP", **ids)
     if (
