@@ -16,6 +16,7 @@ import os
 import random
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -251,6 +252,49 @@ def _on_socket_close(client: aiomqtt.Client, closed: Callable[[], None]) -> None
     paho.on_socket_close = on_close
 
 
+def _register_writes_now(client: aiomqtt.Client) -> None:
+    """Watch paho's socket for writing as soon as paho asks, and never once it is closed.
+
+    aiomqtt's `on_socket_register_write` defers its `add_writer` with
+    `call_soon_threadsafe`, because paho may ask from the CONNECT thread; it is deferred
+    on the loop thread too. A publish made in the loop turn in which paho then reads
+    the broker's FIN or RST (the link dropping) closes the socket before the deferred
+    `add_writer` runs: paho's unregister had nothing to remove yet, and `add_writer` on
+    the closed descriptor raises EBADF in a bare loop callback, which the crash guard
+    counts as fatal. The agent stopped instead of reconnecting (had the number been
+    reused meanwhile, it would have watched another socket). On the loop thread this
+    registers at once; the CONNECT thread's request still waits for the loop, and is
+    dropped if the socket is gone or paho no longer wants to write by then. The write
+    callback does what aiomqtt's does. Reaches into aiomqtt's paho client and its
+    `_disconnected`; pinned by tests/test_link_stall.py.
+    """
+    paho = getattr(client, "_client", None)
+    if paho is None or getattr(paho, "on_socket_register_write", None) is None:
+        return
+    loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
+
+    def writable(c: Any) -> None:
+        try:
+            c.loop_write()
+        except Exception as exc:  # noqa: BLE001 - as aiomqtt: a failed write ends the connection
+            disconnected = client._disconnected
+            if not disconnected.done():
+                disconnected.set_exception(exc)
+
+    def register(c: Any, sock: Any) -> None:
+        if c.socket() is sock and c._registered_write:  # still open, still wanted
+            loop.add_writer(sock.fileno(), writable, c)
+
+    def on_register_write(c: Any, userdata: Any, sock: Any) -> None:
+        if threading.get_ident() == loop_thread:
+            register(c, sock)
+        else:
+            loop.call_soon_threadsafe(register, c, sock)
+
+    paho.on_socket_register_write = on_register_write
+
+
 class BrokerLink:
     """Owns the connection to the broker for the life of the agent."""
 
@@ -396,6 +440,7 @@ class BrokerLink:
             properties=_connect_properties() if self.v5 else None,
         )
         _on_socket_close(client, lambda: socket_failed("connection closed by the peer"))
+        _register_writes_now(client)
         _watch_pubacks(client, self._refused)
         # aiomqtt warns on every publish while more than this many await their PUBACK;
         # the spool drain keeps `max_inflight` in flight by design (plus health, replies).

@@ -1,0 +1,120 @@
+"""A publish made as the broker link drops must leave the link to reconnect.
+
+The "no reconnect after the relay reopened" of commit 3bdf89e: a publish handed to paho
+in the loop turn in which paho reads the broker's FIN had aiomqtt defer its
+`add_writer` past paho closing the socket; it then raised EBADF in a bare loop callback,
+which the agent's crash guard counts as fatal, so the agent stopped. Any publish can
+meet a dropping link (the drain, health, a command's answer), not only that variant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import select
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_support import collector
+from tcp_relay import TcpRelay
+
+from edgeagent.config import MqttConfig
+from edgeagent.events import EventBus
+from edgeagent.mqtt import BrokerLink, BrokerUnavailable, SessionCounter
+
+pytestmark = pytest.mark.broker
+
+TOPIC = "edge/v1/dev-1/events"
+
+
+@contextlib.contextmanager
+def loop_errors() -> Iterator[list[dict[str, Any]]]:
+    """What reaches the loop's exception handler: in the agent, a crash report and a stop."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    seen: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: seen.append(context))
+    try:
+        yield seen
+    finally:
+        loop.set_exception_handler(previous)
+
+
+@contextlib.asynccontextmanager
+async def running_link(tmp_path: Path, port: int) -> AsyncIterator[BrokerLink]:
+    async def on_connected(session: int) -> None:
+        return None
+
+    cfg = MqttConfig(
+        host="127.0.0.1",
+        port=port,
+        reconnect_min_s=0.05,
+        reconnect_max_s=0.2,
+        connect_timeout_s=5.0,
+    )
+    link = BrokerLink(
+        cfg,
+        "dev-1",
+        sessions=SessionCounter(tmp_path / "session"),
+        will=lambda s: ("edge/v1/dev-1/status", b'{"state": "lost"}'),
+        on_connected=on_connected,
+        bus=EventBus(),
+        rng=random.Random(7),
+    )
+    task = asyncio.create_task(link.run())
+    try:
+        yield link
+    finally:
+        await link.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def readable(sock: socket.socket) -> None:
+    """Until the relay's FIN is in `sock`: paho reads it in the loop's next turn."""
+    ready, _, _ = select.select([sock], [], [], 5.0)
+    assert ready, "the relay's close never reached the link's socket"
+
+
+async def test_a_publish_as_the_link_drops_leaves_it_to_reconnect(
+    tmp_path: Path,
+    broker,  # type: ignore[no-untyped-def]
+) -> None:
+    relay = TcpRelay(broker.port)
+    await relay.start()
+    try:
+        with loop_errors() as errors:
+            async with running_link(tmp_path, relay.port) as link:
+                await asyncio.wait_for(link.connected.wait(), 10)
+                client = link._client
+                assert client is not None
+                paho_sock = client._client.socket()
+                assert isinstance(paho_sock, socket.socket)
+                loop = asyncio.get_running_loop()
+                # Turn 1 (now): the publish is started and the relay closed. Turn 2: the
+                # publish starts aiomqtt's, the relay's sockets close, and the FIN is in
+                # the link's socket. Turn 3: aiomqtt's publish hands the packet to paho
+                # (which asks for the socket to be watched for writing), then paho reads
+                # the FIN and closes the socket. Scheduling order, not timing.
+                publish = asyncio.ensure_future(link.publish(TOPIC, b'{"seq": 1}', qos=1))
+                relay.set_open(False)
+                loop.call_soon(readable, paho_sock)
+                with pytest.raises(BrokerUnavailable):  # the spool sends it again
+                    await asyncio.wait_for(publish, 10)
+                await asyncio.wait_for(link.disconnected.wait(), 10)
+
+                async with collector(broker.port, TOPIC) as c:
+                    relay.set_open(True)
+                    await asyncio.wait_for(link.connected.wait(), 10)
+                    assert await link.publish(TOPIC, b'{"seq": 2}', qos=1)
+                    await c.wait_for(lambda ms: [m for m in ms if m.payload == b'{"seq": 2}'])
+                assert link.session >= 2  # a new connection, not the old one
+        failures = [(e.get("message"), repr(e.get("exception"))) for e in errors]
+        assert failures == [], f"errors reached the loop (fatal in the agent): {failures}"
+    finally:
+        await relay.stop()
