@@ -29,6 +29,7 @@ from paho.mqtt.properties import Properties
 
 from edgeagent.config import MqttConfig
 from edgeagent.events import BrokerConnected, BrokerDisconnected, EventBus
+from edgeagent.telemetry.topics import publish_topic_problem
 
 logger = logging.getLogger(__name__)
 
@@ -499,10 +500,12 @@ class BrokerLink:
             raise BrokerUnavailable(f"connection closed before CONNACK: {dropped.result()}")
         enter.result()
 
-    def _refused(self, topic: str, reason: str) -> None:
+    def _refused(self, topic: str, reason: str, *, by_broker: bool = True) -> None:
         """The broker answered a publish with a failure (MQTT 5 PUBACK: its ACL, quota or
-        a bad topic): the message is gone and retrying would not help. Said, not silent."""
+        a bad topic), or the topic could not be sent at all: the message is gone and
+        retrying would not help. Said, not silent."""
         self.publishes_refused += 1
+        topic = repr(topic[:80])[1:-1]  # a NUL or a newline in it stays readable in the log
         now = time.monotonic()
         if now - self._refusal_said.get(topic, -REFUSAL_QUIET_S) < REFUSAL_QUIET_S:
             return
@@ -510,7 +513,9 @@ class BrokerLink:
             self._refusal_said.clear()
         self._refusal_said[topic] = now
         logger.warning(
-            "mqtt: the broker refused our publish to %s (%s); check its ACL (%d refused so far)",
+            "mqtt: the broker refused our publish to %s (%s); check its ACL (%d refused so far)"
+            if by_broker
+            else "mqtt: a publish to %s was refused here (%s; %d refused so far)",
             topic,
             reason,
             self.publishes_refused,
@@ -552,7 +557,13 @@ class BrokerLink:
         timeout_s: float = 10.0,
     ) -> bool:
         """Publish; with QoS 1 this returns only after the broker's PUBACK, and False
-        when that PUBACK was a refusal (MQTT 5: the broker's ACL; said in the log too)."""
+        when that PUBACK was a refusal (MQTT 5: the broker's ACL; said in the log too).
+        A topic no broker would take (a wildcard, a NUL: one gets the whole connection
+        dropped by mosquitto) is not sent and also gives False."""
+        problem = publish_topic_problem(topic)
+        if problem is not None:
+            self._refused(topic, f"not sent: {problem}", by_broker=False)
+            return False
         client = self._client  # set from CONNACK on, so birth can go out before `connected`
         if client is None:
             raise BrokerUnavailable("not connected")

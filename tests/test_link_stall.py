@@ -118,3 +118,30 @@ async def test_a_publish_as_the_link_drops_leaves_it_to_reconnect(
         assert failures == [], f"errors reached the loop (fatal in the agent): {failures}"
     finally:
         await relay.stop()
+
+
+@pytest.mark.parametrize(
+    "topic", ["edge/v1/evil/#/signal", "edge/v1/a+b/signal", "edge/v1/evil\x00x/signal", ""]
+)
+async def test_a_topic_no_broker_takes_is_refused_here_and_the_link_stays_up(
+    tmp_path: Path,
+    broker,  # type: ignore[no-untyped-def]
+    topic: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A NUL in a topic gets the whole connection dropped by mosquitto; a wildcard makes
+    # paho raise ValueError, which callers that expect BrokerUnavailable do not catch.
+    with loop_errors() as errors:
+        async with running_link(tmp_path, broker.port) as link:
+            await asyncio.wait_for(link.connected.wait(), 10)
+            session = link.session
+            assert await link.publish(topic, b"{}", qos=1) is False
+            assert link.publishes_refused == 1
+            async with collector(broker.port, TOPIC) as c:
+                assert await link.publish(TOPIC, b'{"after": 1}', qos=1)
+                await c.wait_for(lambda ms: [m for m in ms if m.payload == b'{"after": 1}'])
+            assert link.session == session and link.connected.is_set()
+    assert errors == []
+    (said,) = [r for r in caplog.records if "was refused here" in r.getMessage()]
+    assert said.levelname == "WARNING"
+    assert "\x00" not in said.getMessage()
