@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import select
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from agent_support import collector
 from tcp_relay import TcpRelay
+from test_mqtt_transport import link_cfg, running_link
 
-from edgeagent.config import MqttConfig
-from edgeagent.events import EventBus
-from edgeagent.mqtt import BrokerLink, BrokerUnavailable, SessionCounter
+from edgeagent.mqtt import BrokerUnavailable
 
 pytestmark = pytest.mark.broker
 
@@ -44,37 +42,6 @@ def loop_errors() -> Iterator[list[dict[str, Any]]]:
         loop.set_exception_handler(previous)
 
 
-@contextlib.asynccontextmanager
-async def running_link(tmp_path: Path, port: int) -> AsyncIterator[BrokerLink]:
-    async def on_connected(session: int) -> None:
-        return None
-
-    cfg = MqttConfig(
-        host="127.0.0.1",
-        port=port,
-        reconnect_min_s=0.05,
-        reconnect_max_s=0.2,
-        connect_timeout_s=5.0,
-    )
-    link = BrokerLink(
-        cfg,
-        "dev-1",
-        sessions=SessionCounter(tmp_path / "session"),
-        will=lambda s: ("edge/v1/dev-1/status", b'{"state": "lost"}'),
-        on_connected=on_connected,
-        bus=EventBus(),
-        rng=random.Random(7),
-    )
-    task = asyncio.create_task(link.run())
-    try:
-        yield link
-    finally:
-        await link.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 def readable(sock: socket.socket) -> None:
     """Until the relay's FIN is in `sock`: paho reads it in the loop's next turn."""
     ready, _, _ = select.select([sock], [], [], 5.0)
@@ -89,7 +56,7 @@ async def test_a_publish_as_the_link_drops_leaves_it_to_reconnect(
     await relay.start()
     try:
         with loop_errors() as errors:
-            async with running_link(tmp_path, relay.port) as link:
+            async with running_link(tmp_path, link_cfg(relay.port)) as link:
                 await asyncio.wait_for(link.connected.wait(), 10)
                 client = link._client
                 assert client is not None
@@ -132,7 +99,7 @@ async def test_a_topic_no_broker_takes_is_refused_here_and_the_link_stays_up(
     # A NUL in a topic gets the whole connection dropped by mosquitto; a wildcard makes
     # paho raise ValueError, which callers that expect BrokerUnavailable do not catch.
     with loop_errors() as errors:
-        async with running_link(tmp_path, broker.port) as link:
+        async with running_link(tmp_path, link_cfg(broker.port)) as link:
             await asyncio.wait_for(link.connected.wait(), 10)
             session = link.session
             assert await link.publish(topic, b"{}", qos=1) is False
