@@ -182,3 +182,72 @@ def test_hard_bound_holds_under_random_bursts_and_gaps() -> None:
 def test_settings_reject_a_target_beyond_the_bound() -> None:
     with pytest.raises(ValueError, match="max_ms"):
         PlayoutSettings(target_ms=80, max_ms=100)
+
+
+def steady_tone(freq: float, frames: int, amp: float = 10000.0) -> np.ndarray:
+    """`frames` 20 ms frames of one phase-continuous tone, shape (frames, FS)."""
+    t = np.arange(frames * FS)
+    return (amp * np.sin(2 * np.pi * freq * t / 48000)).astype(np.int16).reshape(frames, FS)
+
+
+def window_pitches(x: np.ndarray, window: int = 4800) -> list[float]:
+    """The FFT peak of each 100 ms of `x`, to 0.6 Hz (zero-padded)."""
+    pad = 16 * window
+    peaks = []
+    for k in range(x.size // window):
+        w = x[k * window : (k + 1) * window].astype(np.float64) * np.hanning(window)
+        peaks.append(float(np.argmax(np.abs(np.fft.rfft(w, pad)))) * 48000 / pad)
+    return peaks
+
+
+def assert_caught_up_in_tune(
+    buf: PlayoutBuffer, outs: list[np.ndarray], source: np.ndarray
+) -> None:
+    settings = buf.settings
+    played = np.concatenate(outs)
+    # Gentle corrections resample a frame by `stretch_fraction` at most; catching up
+    # must not resample faster (8 % did: a 700 Hz tone played at 755 Hz for seconds).
+    for pitch in window_pitches(played[4800:]):
+        assert abs(pitch - 700) <= 700 * settings.stretch_fraction + 1.0, window_pitches(played)
+    # Pieces are cut or repeated in phase: no step larger than the tone's own.
+    assert (
+        np.abs(np.diff(played[4800:].astype(np.int32))).max()
+        <= 1.05 * np.abs(np.diff(source.reshape(-1).astype(np.int32))).max()
+    )
+    st = buf.stats()
+    assert st.underruns == st.overruns == st.concealed_frames == 0
+    assert abs(buf.depth_ms + 20 - settings.target_ms) <= settings.tolerance_ms
+
+
+def test_a_burst_after_a_stall_is_cut_back_to_target_in_whole_pitch_periods() -> None:
+    """The playback stalls for 180 ms (a starved CPU: the paced twin skips the periods
+    it missed) while the frames keep arriving: the surplus goes within a second."""
+    buf = PlayoutBuffer(PlayoutSettings(target_ms=60, max_ms=300))
+    source = steady_tone(700, 150)
+    outs, depths = [], []
+    for period in range(150):
+        buf.push(source[period], ts=period * FS)
+        if not 11 <= period < 20:
+            outs.append(buf.pull())
+            depths.append(buf.depth_ms)
+    assert max(depths) >= 200  # far off target: 180 ms too much
+    assert_caught_up_in_tune(buf, outs, source)
+    assert max(depths[11 + 50 :]) <= 60 + 15  # back within tolerance in a second
+    assert buf.stats().compressed_frames <= 50
+
+
+def test_a_sender_that_falls_behind_is_refilled_in_whole_pitch_periods() -> None:
+    """The sender pauses 100 ms and goes on where it was: the buffer drains to one
+    frame and is refilled by repeating pitch periods, not by playing slower."""
+    buf = PlayoutBuffer(PlayoutSettings(target_ms=120, max_ms=300))
+    source = steady_tone(700, 250)
+    outs, seq, depths = [], 0, []
+    for period in range(250):
+        if not 20 <= period < 25:
+            buf.push(source[seq], ts=seq * FS)
+            seq += 1
+        outs.append(buf.pull())
+        depths.append(buf.depth_ms)
+    assert min(depths) == 0.0
+    assert buf.stats().stretched_frames <= 50
+    assert_caught_up_in_tune(buf, outs, source[:seq])

@@ -6,6 +6,9 @@ device pulls one frame per period. The buffer
 - prefills to a target depth (40-80 ms) before it starts playing;
 - keeps the depth near the target whatever the sender's clock does, by
   time-compressing or stretching a frame by a few samples (`stretch`);
+  far off target (a burst after a stall) by cutting or repeating whole pitch
+  periods of a frame with a crossfade (`_splice`), which keeps the pitch:
+  resampling fast enough to catch up would raise it by 8 %, for seconds;
 - conceals a missing frame by repeating the last good one at decreasing
   gain, then silence; after a long underrun it rebuffers to the target;
 - never holds more than `max_ms`: a push beyond that drops the oldest samples
@@ -25,6 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeagent.audio.frames import FRAME_SAMPLES, SAMPLE_RATE, Samples, stretch, to_int16
+
+# A splice cuts or repeats 2.5-15 ms: every pitch period of a voice (67-400 Hz), or
+# several of a higher tone, fits in that range. The crossfade over the 5 ms that match.
+SPLICE_MIN_MS = 2.5
+SPLICE_MAX_MS = 15.0
+SPLICE_OVERLAP_MS = 5.0
+SPLICE_MIN_MATCH = 0.5  # normalised correlation; below it a splice would be heard
+QUIET_RMS = 30.0  # about -61 dBFS: any splice in audio this quiet is inaudible
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +90,9 @@ class PlayoutBuffer:
         self._max = round(s.max_ms * self._ms)
         self._tol = s.tolerance_ms * self._ms
         self._step = max(1, round(self._fs * s.stretch_fraction))
+        self._splice_min = round(SPLICE_MIN_MS * self._ms)
+        self._splice_max = round(SPLICE_MAX_MS * self._ms)
+        self._overlap = min(round(SPLICE_OVERLAP_MS * self._ms), self._fs // 4)
         self._resync = round(s.resync_ms * self._ms)
         cap = self._max + 2 * self._fs
         self._buf = np.zeros(cap, dtype=np.int16)
@@ -90,6 +104,7 @@ class PlayoutBuffer:
         self._avg_depth = float(self._target)
         self._last_good = np.zeros(self._fs, dtype=np.int16)
         self._conceal_run = 0
+        self._catch_up = 0  # +1 cutting, -1 repeating pitch periods back to the target
         self._c = {
             k: 0
             for k in (
@@ -190,8 +205,25 @@ class PlayoutBuffer:
             return self._underrun()
         consume = fs
         excess = self._avg_depth - self._target
-        # Far off target (a burst after a stall): correct four times faster.
-        step = self._step * (4 if abs(excess) > 3 * self._tol else 1)
+        surplus = depth - self._target
+        if not self._catch_up and abs(excess) > 3 * self._tol:
+            self._catch_up = 1 if excess > 0 else -1
+        if self._catch_up and surplus * self._catch_up <= self._tol:
+            # Back within tolerance: the average restarts from here, or its lag would
+            # keep correcting past the target.
+            self._catch_up = 0
+            self._avg_depth = float(depth)
+            excess = 0.0
+        elif self._catch_up:
+            spliced = self._splice(surplus)
+            if spliced is not None:
+                out, consume = spliced
+                self._c["compressed_frames" if consume > fs else "stretched_frames"] += 1
+                self._last_good = out
+                self._conceal_run = 0
+                self._shift(consume)
+                return out
+        step = self._step
         if self._have[: fs + step].all() and depth >= fs + step:
             if excess > self._tol:
                 consume = fs + step
@@ -209,6 +241,42 @@ class PlayoutBuffer:
             out = np.where(mask, seg, self._concealment())
         self._shift(consume)
         return out
+
+    def _splice(self, surplus: int) -> tuple[Samples, int] | None:
+        """The next frame with up to `surplus` samples cut (> 0) or repeated (< 0), and
+        the samples it consumes; None when no piece fits or matches well enough.
+
+        WSOLA: the piece is `d` samples where the audio `d` on matches the frame's start
+        best, so it is whole pitch periods and the crossfade joins audio in phase.
+        """
+        fs, w, lo = self._fs, self._overlap, self._splice_min
+        if surplus > 0:
+            hi = min(surplus, self._splice_max)
+            need = fs + hi
+        else:
+            hi = min(-surplus, self._splice_max, fs - w)
+            need = fs
+        if hi < lo or self._end < need or not self._have[:need].all():
+            return None
+        seg = self._buf[:need].astype(np.float64)
+        head = seg[:w]
+        later = np.lib.stride_tricks.sliding_window_view(seg[: hi + w], w)[lo:]
+        energy = np.einsum("ij,ij->i", later, later)
+        floor = w * QUIET_RMS**2
+        rho = (later @ head) / np.sqrt(np.maximum(energy * float(head @ head), 1e-9))
+        if float(head @ head) < floor:
+            rho = np.where(energy < floor, 1.0, rho)
+        best = float(rho.max())
+        if best < SPLICE_MIN_MATCH:
+            return None
+        d = lo + int(np.flatnonzero(rho >= best - 0.01)[-1])  # the longest of the best
+        fade_in = np.arange(w) / w
+        if surplus > 0:  # the frame's start fades into the audio d later: d cut
+            joined = head * (1 - fade_in) + seg[d : d + w] * fade_in
+            return to_int16(np.concatenate([joined, seg[d + w : d + fs]])), fs + d
+        # d played, then the audio d on fades back into the frame's start: d repeated
+        joined = seg[d : d + w] * (1 - fade_in) + head * fade_in
+        return to_int16(np.concatenate([seg[:d], joined, seg[w : fs - d]])), fs - d
 
     def _underrun(self) -> Samples:
         if self._conceal_run == 0:
@@ -248,6 +316,7 @@ class PlayoutBuffer:
             self._base_ts += count
 
     def _clear(self) -> None:
+        self._catch_up = 0
         self._buf[:] = 0
         self._have[:] = False
         self._end = 0
