@@ -212,6 +212,8 @@ def load_keys_file(path: Path) -> dict[str, TrustedKey]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise KeyConfigError([f"cannot read {path}: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise KeyConfigError([f"{path} is not UTF-8 text (expected JSON)"]) from None
     try:
         data = json.loads(text)
     except ValueError as exc:
@@ -259,6 +261,8 @@ def load_signing_key(path: Path, kid: str | None = None) -> tuple[OKPKey, str]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text (expected an Ed25519 private JWK)") from None
     try:
         data = json.loads(text)
     except ValueError:

@@ -86,6 +86,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MAX_LOCAL_LINE: Final = 64 * 1024
+# Each local connection holds a descriptor: past this many, a new one is refused at once.
+MAX_LOCAL_CLIENTS: Final = 32
+LOCAL_IDLE_S: Final = 10.0  # no complete request line for this long: answered 400, closed
+LOCAL_WRITE_S: Final = 10.0  # an answer the client does not read for this long: closed
 # Answered 202 at once, then finally: they take seconds to a minute.
 _JTI_RE: Final = re.compile(JTI_PATTERN)
 _CMD_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -164,6 +168,9 @@ class CommandServer:
         self._refusals_waiting = asyncio.Event()
         self.local_ready = asyncio.Event()
         self._local_writers: set[asyncio.StreamWriter] = set()
+        self.local_max_clients = MAX_LOCAL_CLIENTS
+        self.local_idle_s = LOCAL_IDLE_S
+        self.local_write_s = LOCAL_WRITE_S
         link.subscribe(topics.cmd_filter, self.on_inbound)
 
     @property
@@ -474,21 +481,46 @@ class CommandServer:
                 os.unlink(path)
 
     async def _on_local(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._local_writers) >= self.local_max_clients:
+            # Refused without waiting: the answer fits the socket buffer, close frees the fd.
+            why = f"too many local connections ({self.local_max_clients}); try again"
+            refusal = self._response(_Request("local", None), None, Status.RATE_LIMITED, error=why)
+            writer.write(p.encode(refusal) + b"\n")
+            writer.close()
+            logger.debug("commands: local socket: %s", why)
+            return
         self._local_writers.add(writer)
         lock = asyncio.Lock()
 
         async def sink(response: p.CommandResponse, _final: bool) -> None:
+            # Runs in the request's task: a client that left or does not read is closed
+            # here, never raised into the server's TaskGroup.
             async with lock:
+                if writer.is_closing():
+                    return
                 writer.write(p.encode(response) + b"\n")
-                await writer.drain()
+                try:
+                    async with asyncio.timeout(self.local_write_s):
+                        await writer.drain()
+                except (TimeoutError, ConnectionError, OSError) as exc:
+                    logger.debug("commands: local client gone or not reading; closed: %r", exc)
+                    writer.transport.abort()
 
         try:
-            while True:
+            while not writer.is_closing():  # closed by the sink: lines read ahead are dropped
                 try:
-                    line = await reader.readline()
+                    async with asyncio.timeout(self.local_idle_s):
+                        line = await reader.readline()
                 except (asyncio.LimitOverrunError, ValueError):
                     req = _Request("local", None, sink=sink)
                     await self._local_error(req, Status.TOO_LARGE, "line over 64 KiB")
+                    return
+                except TimeoutError:
+                    req = _Request("local", None, sink=sink)
+                    why = f"no complete request line in {self.local_idle_s:g} s; closing"
+                    await self._answer(
+                        req, self._response(req, None, Status.BAD_REQUEST, error=why), final=True
+                    )
                     return
                 if not line:
                     return
