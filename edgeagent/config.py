@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import difflib
 import os
+import reprlib
+import stat
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -31,13 +36,29 @@ from edgeagent.control.keys import load_keys_file, load_signing_key
 
 ENV_PREFIX = "EDGEAGENT__"
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h; the unit's RestartPreventExitStatus
+MAX_CONFIG_BYTES = 1 << 20  # a real config is a few KiB; past this it is not one
+GPIO_MAX = 53  # BCM GPIO numbers 0-53 (compute modules bring out more than the header's 0-27)
 
 DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: `port = true` or `mock = 1` is a mistake, not 1 and True. No nan or inf:
+    # an infinite rate or timeout means nothing here (and nan compares false everywhere).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+def _no_nul(v: Path) -> Path:
+    # Every later use (mkdir, open, stat) would raise ValueError at start instead.
+    if "\x00" in str(v):
+        raise ValueError("contains a NUL character")
+    return v
+
+
+# TOML gives paths as strings, which strict mode alone would refuse.
+FsPath = Annotated[Path, Field(strict=False), AfterValidator(_no_nul)]
+GpioPin = Annotated[int, Field(ge=0, le=GPIO_MAX)]
 
 
 class DeviceConfig(_Section):
@@ -49,10 +70,10 @@ class DeviceConfig(_Section):
 
 class TlsConfig(_Section):
     enabled: bool = False
-    ca_file: Path | None = None
-    cert_file: Path | None = None
+    ca_file: FsPath | None = None
+    cert_file: FsPath | None = None
     """Client certificate for mutual TLS (with key_file)."""
-    key_file: Path | None = None
+    key_file: FsPath | None = None
     insecure_skip_verify: bool = False
 
 
@@ -80,13 +101,24 @@ class MqttConfig(_Section):
 
 
 class StorageConfig(_Section):
-    state_dir: Path = Path("/var/lib/edgeagent")
+    state_dir: FsPath = Path("/var/lib/edgeagent")
     spool_max_messages: int = Field(100_000, ge=10)
     spool_max_mib: float = Field(64.0, gt=0)
     spool_max_age_h: float = Field(168.0, gt=0)
     spool_min_free_mb: float = Field(64.0, ge=0)
     durability: Literal["normal", "full"] = "normal"
     """normal survives a process kill; full also survives power loss (fsync per message)."""
+
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir_usable(cls, v: Path) -> Path:
+        # Otherwise the agent's mkdir fails at start, with a traceback and a restart loop.
+        for at in (v, *v.parents):
+            if at.exists():
+                if not at.is_dir():
+                    raise ValueError(f"{at} exists and is not a directory")
+                break
+        return v
 
 
 class TelemetryConfig(_Section):
@@ -105,7 +137,7 @@ class LoggingConfig(_Section):
 
 
 class HealthConfig(_Section):
-    sysfs_root: Path = Path("/")
+    sysfs_root: FsPath = Path("/")
     """Root under which /sys and /proc are read (tests point it at a fixture tree)."""
     vcgencmd: str | None = "vcgencmd"
     mmcli: str | None = "mmcli"
@@ -132,6 +164,39 @@ class IceConfig(_Section):
     """How long gathering waits for STUN/TURN. aiortc does not trickle: the offer (or
     answer) waits this long behind a dead server, so it is short; 0.7 s still covers
     one lost STUN request (aioice retransmits after 0.5 s) on a 200 ms RTT link."""
+
+    @field_validator("stun_urls", "turn_urls")
+    @classmethod
+    def _urls_usable(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        # A url aiortc cannot parse fails every call (RTCPeerConnection raises); the
+        # probes parse them too. Both parsers must take it.
+        if not v:
+            return v
+        from aiortc.rtcicetransport import parse_stun_turn_uri
+
+        from edgeagent.health.probes import parse_ice_url
+
+        kind = "stun" if info.field_name == "stun_urls" else "turn"
+        problems = []
+        for i, url in enumerate(v):
+            try:
+                scheme = parse_ice_url(url).scheme
+                parse_stun_turn_uri(url)
+            except ValueError as exc:
+                problems.append(f"[{i}] {url[:200]!r}: {exc}")
+                continue
+            if scheme.rstrip("s") != kind:
+                problems.append(f"[{i}] {url[:200]!r}: expected a {kind}: or {kind}s: url")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+
+    @model_validator(mode="after")
+    def _relay_needs_turn(self) -> IceConfig:
+        # ice_configuration raises on this for every call.
+        if self.relay_only and not self.turn_urls:
+            raise ValueError("relay_only = true needs a TURN server in turn_urls")
+        return self
 
 
 class AecConfig(_Section):
@@ -195,16 +260,24 @@ class CallConfig(_Section):
 class LedsConfig(_Section):
     enabled: bool = True
     layout: Literal["three", "rgb"] = "three"
-    pins: list[int] = Field([17, 27, 22], min_length=3, max_length=3)
+    pins: list[GpioPin] = Field([17, 27, 22], min_length=3, max_length=3)
     """BCM pins: green, amber, red (three) or red, green, blue (rgb)."""
     active_high: bool = True
     mock: bool = False
     """Drive gpiozero's MockFactory instead of real pins (bench)."""
 
+    @field_validator("pins")
+    @classmethod
+    def _pins_distinct(cls, v: list[int]) -> list[int]:
+        # gpiozero refuses a pin twice (GPIOPinInUse), so every LED would be off.
+        if len(set(v)) != len(v):
+            raise ValueError(f"each LED needs its own pin (got {v})")
+        return v
+
 
 class ButtonConfig(_Section):
     enabled: bool = False
-    pin: int = 23
+    pin: GpioPin = 23
     long_press_s: float = Field(2.0, gt=0)
     press_action: Literal["dial_or_hangup", "dial", "none"] = "dial_or_hangup"
 
@@ -213,15 +286,15 @@ class SecurityConfig(_Section):
     commands: Literal["signed", "open"] = "signed"
     signaling: Literal["open", "signed"] = "open"
     """"signed": incoming offers must carry a call token from a key in keys_file."""
-    keys_file: Path | None = None
+    keys_file: FsPath | None = None
     """Trusted keys (JSON) for commands and signed offers; read at check-config."""
     max_token_lifetime_s: int = Field(300, ge=10, le=86_400)
     armed: list[str] = []
     """Dangerous commands allowed on this device (memory, profile, crash, restart)."""
-    local_socket: Path | None = None
+    local_socket: FsPath | None = None
     call_key_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,64}$")] | None = None
     """The kid this device's offer tokens name (default: the kid in call_key_file)."""
-    call_key_file: Path | None = Field(None, validate_default=True)
+    call_key_file: FsPath | None = Field(None, validate_default=True)
     """This device's Ed25519 private JWK: it signs a token into each offer it sends, for
     peers that take signed offers only."""
 
@@ -290,6 +363,12 @@ class Config(_Section):
     alerts: AlertsConfig = AlertsConfig()
     tracing: TracingConfig = TracingConfig()
 
+    @model_validator(mode="after")
+    def _button_pin_free(self) -> Config:
+        if self.button.enabled and self.leds.enabled and self.button.pin in self.leds.pins:
+            raise ValueError(f"button.pin: {self.button.pin} is also an LED pin (leds.pins)")
+        return self
+
     @property
     def topic_root(self) -> str:
         return f"{self.mqtt.prefix}/{self.device.id}"
@@ -319,7 +398,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 break
         else:
-            node[path[-1]] = _parse_env_value(raw)
+            node[path[-1]] = raw if _takes_text(path) else _parse_env_value(raw)
     return tree
 
 
@@ -328,6 +407,22 @@ def _parse_env_value(raw: str) -> Any:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
+
+
+def _takes_text(path: list[str]) -> bool:
+    """Whether the key at `path` holds text (a string, secret or path): its variable is
+    taken as written, so `EDGEAGENT__MQTT__PASSWORD=12345` stays the string "12345"."""
+    current: Any = Config
+    for part in path:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return False
+        field = current.model_fields.get(part)
+        if field is None:
+            return False
+        current = field.annotation
+    union = typing.get_origin(current) in (typing.Union, types.UnionType)
+    args = [a for a in typing.get_args(current) if a is not type(None)] if union else [current]
+    return all(a in (str, SecretStr, Path) for a in args)
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -355,12 +450,34 @@ def _known_keys(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]
     return []
 
 
+# The offending value, quoted short: a 50 MB string or a 900-deep list stays one line.
+_short = reprlib.Repr()
+_short.maxlevel, _short.maxstring, _short.maxother, _short.maxlong = 3, 80, 80, 40
+_short.maxlist = _short.maxdict = _short.maxtuple = 6
+
+
+def _is_secret(loc: tuple[str | int, ...]) -> bool:
+    """Whether `loc` is at or inside a SecretStr field (its value is never echoed)."""
+    current: Any = Config
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            break
+        field = current.model_fields.get(str(part))
+        if field is None:
+            break
+        if "SecretStr" in repr(field.annotation):
+            return True
+        current = field.annotation
+    return False
+
+
 def format_errors(exc: ValidationError) -> list[str]:
     """One line per problem: dotted key, message, and a did-you-mean for typos."""
     lines = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         key = ".".join(str(p) for p in loc) or "(root)"
+        shown = "a secret, not shown" if _is_secret(loc) else _short.repr(err.get("input"))
         if err["type"] == "extra_forbidden":
             guess = difflib.get_close_matches(str(loc[-1]), _known_keys(Config, loc), n=1)
             hint = f"; did you mean '{guess[0]}'?" if guess else ""
@@ -369,9 +486,10 @@ def format_errors(exc: ValidationError) -> list[str]:
             lines.append(f"{key}: required key is missing")
         elif err["type"] == "value_error" and isinstance(err.get("input"), dict):
             # A check across a section's keys: the message names them and their values.
-            lines.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(msg if not loc else f"{key}: {msg}")  # a root check names its keys
         else:
-            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"{key}: {err['msg']} (got {shown})")
     return lines
 
 
@@ -389,13 +507,33 @@ def parse_config(
 def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Config:
     """Read, parse and validate the TOML file at `path`."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # Not open() first: a FIFO would block it, /dev/zero never ends.
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            why = "Is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise ConfigError(str(path), [f"cannot read: {why}"])
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from None
+    except ValueError as exc:  # a NUL in the path
+        raise ConfigError(str(path), [f"cannot read: {exc}"]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(str(path), [f"larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config"])
+    try:
+        text = raw.decode("utf-8-sig")  # a BOM (Windows editors add one) is skipped
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        byte = raw[exc.start : exc.start + 1].hex()
+        raise ConfigError(str(path), [f"not UTF-8: byte 0x{byte} on line {line}"]) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise ConfigError(
+            str(path), ["not valid TOML: arrays or tables nested too deeply"]
+        ) from None
     return parse_config(data, source=str(path), environ=environ)
 
 

@@ -105,6 +105,24 @@ def test_env_overrides_nested_and_typed() -> None:
     assert cfg.ice.host_addresses == ["127.0.0.1"]
 
 
+def test_env_overrides_of_text_keys_are_taken_as_written() -> None:
+    # A numeric password, a path that parses as a number, a device id of digits: TOML
+    # would read them as numbers or dates, which the (strict) text keys refuse.
+    env = {
+        "EDGEAGENT__MQTT__PASSWORD": "12345",
+        "EDGEAGENT__MQTT__USERNAME": "1979-05-27",
+        "EDGEAGENT__DEVICE__ID": "42",
+        "EDGEAGENT__STORAGE__STATE_DIR": "1.5",
+        "EDGEAGENT__MQTT__KEEPALIVE_S": "20",
+    }
+    cfg = parse_config({"device": {"id": "dev-1"}}, environ=env)
+    assert cfg.mqtt.password is not None and cfg.mqtt.password.get_secret_value() == "12345"
+    assert cfg.mqtt.username == "1979-05-27"
+    assert cfg.device.id == "42"
+    assert cfg.storage.state_dir == Path("1.5")
+    assert cfg.mqtt.keepalive_s == 20  # numbers still parse as numbers
+
+
 def test_env_override_errors_are_reported_like_file_errors() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({"device": {"id": "d"}}, environ={"EDGEAGENT__MQTT__PORTT": "1"})
