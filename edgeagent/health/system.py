@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,12 @@ _SINCE_BOOT_SHIFT = 16
 _MASK32 = 0xFFFFFFFF
 
 UNKNOWN_MODEL = "unknown"
+
+# What the kernel prints: ASCII digits only. Python's int() also takes "+", "_" and
+# any Unicode digit, which a broken driver's garbage must not pass for a reading.
+_DECIMAL = re.compile(r"-?[0-9]+")
+_UNSIGNED = re.compile(r"[0-9]+")
+_HEX = re.compile(r"(?:0[xX])?[0-9a-fA-F]+")
 
 
 @dataclass(frozen=True)
@@ -126,13 +133,10 @@ def parse_thermal_temp(text: str) -> float | None:
     or not a temperature (a driver returning garbage must not raise, e.g. an int too
     large for a float)."""
     value = text.strip()
-    if len(value) > 9:  # beyond +-99999 °C in millidegrees: not a reading
+    # Beyond +-99999 °C in millidegrees is not a reading (and int() of a long string is slow).
+    if len(value) > 9 or not _DECIMAL.fullmatch(value):
         return None
-    try:
-        milli = int(value)
-    except ValueError:
-        return None
-    celsius = milli / 1000.0
+    celsius = int(value) / 1000.0
     return celsius if -273.0 <= celsius <= 1000.0 else None
 
 
@@ -152,7 +156,7 @@ def parse_throttled_text(text: str) -> int | None:
     Hex with `0x` is read as hex everywhere. The kernel prints the sysfs attribute
     as bare hex (`"%x\\n"`, so `50005` means 0x50005), hence bare digits alone are
     hex; after `throttled=` (vcgencmd prints `0x`) bare digits are decimal.
-    None for anything else.
+    None for anything else, including a sign or a value wider than the 32-bit word.
     """
     s = text.strip()
     if not s:
@@ -164,15 +168,14 @@ def parse_throttled_text(text: str) -> int | None:
             return None
         s = s.strip()
         from_vcgencmd = True
-    try:
-        if s.lower().startswith("0x"):
-            return int(s, 16) & _MASK32
-        # vcgencmd always prints 0x...; a bare number after "throttled=" is decimal.
-        if from_vcgencmd:
-            return int(s, 10) & _MASK32
-        return int(s, 16) & _MASK32
-    except ValueError:
+    if len(s) > 12:  # "0x" and 8 hex digits, give or take leading zeros
         return None
+    # vcgencmd always prints 0x...; a bare number after "throttled=" is decimal.
+    decimal = from_vcgencmd and not s.lower().startswith("0x")
+    if not (_UNSIGNED if decimal else _HEX).fullmatch(s):
+        return None
+    value = int(s, 10 if decimal else 16)
+    return value if value <= _MASK32 else None
 
 
 def parse_board_model(raw: bytes) -> str:
@@ -184,9 +187,10 @@ def parse_board_model(raw: bytes) -> str:
 def _wireless_number(token: str) -> float | None:
     # The kernel appends "." to a value updated since the last read, " " otherwise.
     try:
-        return float(token.rstrip(".*"))
+        value = float(token.rstrip(".*"))
     except ValueError:
         return None
+    return value if math.isfinite(value) else None  # "nan", "inf", "1e999" are no reading
 
 
 def parse_wireless(text: str) -> dict[str, WifiSignal]:

@@ -17,13 +17,15 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
 from dataclasses import dataclass
 from typing import Any
+
+from edgeagent.hw import command
 
 logger = logging.getLogger(__name__)
 
 TIMEOUT_S = 3.0
+MAX_OUTPUT_BYTES = 1 << 20  # a modem's JSON is a few KiB
 
 
 ENABLED_STATES = frozenset({"searching", "registered", "connecting", "connected", "disconnecting"})
@@ -65,7 +67,8 @@ class ModemStatus:
 def _text(value: Any) -> str | None:
     if not isinstance(value, str) or value in ("", "--", "unknown"):
         return None
-    return value[:64]
+    # JSON may escape a lone surrogate ("\\udcff"), which no UTF-8 payload can carry.
+    return value[:64].encode("utf-8", errors="replace").decode("utf-8")
 
 
 def _number(value: Any) -> float | None:
@@ -146,6 +149,7 @@ class ModemReader:
         self._mmcli = shutil.which(mmcli) if mmcli else None
         self._timeout_s = timeout_s
         self._failing = False
+        self._bad_path = False
 
     @property
     def available(self) -> bool:
@@ -161,6 +165,12 @@ class ModemReader:
         if not isinstance(modems, list) or not modems or not isinstance(modems[0], str):
             return None  # ModemManager runs, no modem plugged in
         path = modems[0]
+        # A D-Bus object path: never an option to mmcli, never a megabyte in a log line.
+        if not path.startswith("/") or "\0" in path or len(path) > 255:
+            if not self._bad_path:
+                self._bad_path = True
+                logger.warning("health: mmcli -L: %r is not a modem path", path[:80])
+            return None
         doc = self._run("-m", path)
         if doc is None:
             return None
@@ -169,15 +179,11 @@ class ModemReader:
     def _run(self, *args: str, quiet: bool = False) -> Any:
         assert self._mmcli is not None
         try:
-            done = subprocess.run(
-                [self._mmcli, *args, "-J"],
-                capture_output=True,
-                text=True,
-                timeout=self._timeout_s,
-                check=False,
+            done = command.run(
+                [self._mmcli, *args, "-J"], timeout_s=self._timeout_s, max_bytes=MAX_OUTPUT_BYTES
             )
-        except (OSError, subprocess.SubprocessError) as exc:
-            return self._failed(f"mmcli {' '.join(args)}: {exc}")
+        except command.CommandError as exc:
+            return self._failed(f"mmcli {' '.join(args)}: {self._mmcli}: {exc}")
         if done.returncode != 0:
             if quiet:  # --signal-get on a modem without extended signal: not a fault
                 return None
@@ -185,7 +191,7 @@ class ModemReader:
                                 f"{done.stderr.strip()[:200]}")  # fmt: skip
         try:
             doc = json.loads(done.stdout)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested deep
             return self._failed(f"mmcli {' '.join(args)}: not JSON: {exc}")
         if self._failing:
             self._failing = False

@@ -16,13 +16,13 @@ import os
 import shutil
 import socket
 import ssl
-import subprocess
 import time
 from typing import Protocol
 
 from cryptography import x509
 
 from edgeagent.health import probes as p
+from edgeagent.hw import command
 
 logger = logging.getLogger(__name__)
 
@@ -522,14 +522,9 @@ class _Timex(ctypes.Structure):
 
 def _timedatectl_synced(exe: str) -> bool | None:
     try:
-        out = subprocess.run(
-            [exe, "show", "-p", "NTPSynchronized"],
-            capture_output=True,
-            text=True,
-            timeout=2.0,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
+        out = command.run([exe, "show", "-p", "NTPSynchronized"], timeout_s=2.0, max_bytes=4096)
+    except command.CommandError as exc:
+        logger.debug("timedatectl: %s", exc)
         return None
     if out.returncode != 0:
         return None

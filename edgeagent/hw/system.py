@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from edgeagent.health.system import (
     parse_throttled_text,
     parse_wireless,
 )
+from edgeagent.hw import command
 from edgeagent.hw.modem import ModemReader, ModemStatus
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,25 @@ VCGENCMD_TIMEOUT_S = 1.0
 # firmware mailbox); stop paying for the subprocess after this many in a row.
 VCGENCMD_MAX_FAILURES = 3
 MAX_SYSFS_BYTES = 4096  # a sysfs attribute is one page at most
+MAX_ZONE_NAME = 64
+_BOOT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 
 _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+# psutil's /proc parsers raise these, not psutil.Error, on text they do not expect
+# (a truncated meminfo, a /proc/stat without btime or with a short cpu line, an lxcfs bug).
+_PSUTIL_ERRORS = (psutil.Error, OSError, ValueError, LookupError, TypeError, RuntimeError)
+
+
+def read_attribute(path: Path) -> bytes:
+    """At most 4 KiB of a sysfs/procfs file, never blocking (a FIFO or a wedged driver
+    there must not stall the caller). OSError if unreadable, ValueError for a path
+    with a NUL byte."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return os.read(fd, MAX_SYSFS_BYTES)
+    finally:
+        os.close(fd)
 
 
 class _WarnOnce:
@@ -90,7 +108,7 @@ class SystemReader:
         self._proc: psutil.Process | None = None
         try:
             self._proc = psutil.Process()
-        except psutil.Error as exc:
+        except _PSUTIL_ERRORS as exc:
             self._warn("process", "health: own process unreadable: %s", exc)
         # Our own cpu_times baseline: psutil.cpu_percent(interval=None) keeps its
         # baseline per calling thread, and sample() runs on whichever worker
@@ -131,18 +149,13 @@ class SystemReader:
     # -- files under the root ------------------------------------------------
 
     def _read_text(self, rel: str, key: str) -> str | None:
-        """At most 4 KiB of a sysfs/procfs file, never blocking (a FIFO or a wedged
-        driver there must not stall the sampler)."""
+        """`read_attribute` of a file under the root, decoded; None if missing or unreadable."""
         path = self._root / rel
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-            try:
-                data = os.read(fd, MAX_SYSFS_BYTES)
-            finally:
-                os.close(fd)
+            data = read_attribute(path)
         except FileNotFoundError:
             return None
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             self._warn(key, "health: cannot read %s: %s", path, exc)
             return None
         return data.decode("utf-8", errors="replace")
@@ -151,7 +164,7 @@ class SystemReader:
         base = self._root / THERMAL_DIR
         try:
             dirs = sorted(p for p in base.glob("thermal_zone*") if p.is_dir())
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             self._warn("thermal", "health: cannot list %s: %s", base, exc)
             return {}
         zones: dict[str, float] = {}
@@ -166,8 +179,10 @@ class SystemReader:
                     f"thermal:{zone.name}", "health: bad temperature %r in %s", text[:40], zone
                 )
                 continue
-            kind = (self._read_text(f"{rel}/type", f"thermal-type:{zone.name}") or "").strip()
-            name = kind or zone.name
+            kind = self._read_text(f"{rel}/type", f"thermal-type:{zone.name}") or ""
+            # One line, short: it becomes a key of every metrics payload.
+            lines = kind.strip().splitlines()
+            name = (lines[0].strip()[:MAX_ZONE_NAME] if lines else "") or zone.name
             if name in zones:  # two zones of one type: keep both, tell them apart
                 name = f"{name}@{zone.name}"
             zones[name] = temp
@@ -192,14 +207,12 @@ class SystemReader:
         if self._vcgencmd is None or self._vcgencmd_failures >= VCGENCMD_MAX_FAILURES:
             return None
         try:
-            done = subprocess.run(
+            done = command.run(
                 [self._vcgencmd, "get_throttled"],
-                capture_output=True,
-                text=True,
-                timeout=self._vcgencmd_timeout_s,
-                check=False,
+                timeout_s=self._vcgencmd_timeout_s,
+                max_bytes=MAX_SYSFS_BYTES,
             )
-        except (OSError, subprocess.SubprocessError) as exc:
+        except command.CommandError as exc:
             self._vcgencmd_failed("%s", exc)
             return None
         if done.returncode != 0:
@@ -222,11 +235,11 @@ class SystemReader:
         if self._board_model is not None:
             return self._board_model
         path = self._root / MODEL_FILE
-        try:
-            model = parse_board_model(path.read_bytes())
+        try:  # sample(quick=True) runs on the event loop: never a blocking read
+            model = parse_board_model(read_attribute(path))
         except FileNotFoundError:
             return UNKNOWN_MODEL
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             self._warn("model", "health: cannot read %s: %s", path, exc)
             return UNKNOWN_MODEL
         self._board_model = model
@@ -241,7 +254,7 @@ class SystemReader:
     def _cpu_times(self) -> dict[str, float] | None:
         try:
             return dict(psutil.cpu_times()._asdict())
-        except (psutil.Error, OSError) as exc:
+        except _PSUTIL_ERRORS as exc:
             self._warn("cpu", "health: cpu times unreadable: %s", exc)
             return None
 
@@ -266,21 +279,21 @@ class SystemReader:
             pass
         try:
             return max(0.0, time.time() - psutil.boot_time())
-        except (psutil.Error, OSError) as exc:
+        except _PSUTIL_ERRORS as exc:
             self._warn("uptime", "health: uptime unreadable: %s", exc)
             return None
 
     def _load_1m(self) -> float | None:
         try:
             return float(psutil.getloadavg()[0])
-        except (psutil.Error, OSError) as exc:
+        except _PSUTIL_ERRORS as exc:
             self._warn("load", "health: load average unreadable: %s", exc)
             return None
 
     def _memory(self) -> tuple[float | None, float | None]:
         try:
             vm = psutil.virtual_memory()
-        except (psutil.Error, OSError) as exc:
+        except _PSUTIL_ERRORS as exc:
             self._warn("memory", "health: memory unreadable: %s", exc)
             return None, None
         return vm.available / MIB, vm.total / MIB
@@ -295,14 +308,14 @@ class SystemReader:
                     self._proc.num_fds(),
                     self._proc.num_threads(),
                 )
-        except (psutil.Error, OSError) as exc:
+        except _PSUTIL_ERRORS as exc:
             self._warn("process", "health: own process unreadable: %s", exc)
             return None, None, None
 
     def _disk_free(self) -> float | None:
         try:
             return psutil.disk_usage(str(self._disk_path)).free / MIB
-        except (psutil.Error, OSError) as exc:
+        except _PSUTIL_ERRORS as exc:  # ValueError too: a NUL in the path
             self._warn("disk", "health: disk usage of %s unreadable: %s", self._disk_path, exc)
             return None
 
@@ -313,7 +326,9 @@ class SystemReader:
             stats = psutil.net_if_stats()
             addrs = psutil.net_if_addrs()
             io = psutil.net_io_counters(pernic=True)
-        except (psutil.Error, OSError) as exc:
+        except _PSUTIL_ERRORS as exc:
+            # UnicodeError (a ValueError) too: psutil cannot list any interface once one is
+            # named in bytes that are not UTF-8 (legal for the kernel; no per-name call).
             self._warn("net", "health: network interfaces unreadable: %s", exc)
             return {}
         out: dict[str, NetInterface] = {}
@@ -338,17 +353,20 @@ class SystemReader:
 
 
 def boot_id(root: Path = Path("/")) -> str:
-    """The kernel's boot id; if unreadable, a string derived from the boot time."""
+    """The kernel's boot id (a UUID); if unreadable or not a UUID, a string derived
+    from the boot time."""
     path = root / BOOT_ID_FILE
     try:
-        text = path.read_text(encoding="ascii", errors="replace").strip()
-    except OSError as exc:
+        text = read_attribute(path).decode("ascii", errors="replace").strip()
+    except (OSError, ValueError) as exc:
         logger.debug("health: %s unreadable (%s); deriving boot id from boot time", path, exc)
         text = ""
-    if text:
+    if _BOOT_ID.fullmatch(text):
         return text
+    if text:
+        logger.warning("health: %s holds %r, not a boot id; deriving one", path, text[:40])
     try:
         return f"boottime-{int(psutil.boot_time())}"
-    except (psutil.Error, OSError) as exc:
+    except _PSUTIL_ERRORS as exc:
         logger.warning("health: boot time unreadable: %s", exc)
         return "boottime-unknown"

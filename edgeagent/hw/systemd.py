@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
 import re
+import socket
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 # Imported by name because the repo's top-level systemd/ folder (the unit file) looks
 # like a namespace package to mypy, which then cannot see systemd-python's modules.
-daemon = importlib.import_module("systemd.daemon")
 journal = importlib.import_module("systemd.journal")
 _JournalHandler: Any = journal.JournalHandler
 
@@ -34,15 +36,49 @@ _notify_failed = False
 
 def notify(state: str) -> bool:
     """Send one sd_notify message ("READY=1", "WATCHDOG=1", "STATUS=..."); False if no
-    socket, or if NOTIFY_SOCKET names one that is not there (said once, never raised)."""
+    socket, or if NOTIFY_SOCKET names one that is not there or not taking messages
+    (said once, never raised, never blocking)."""
     global _notify_failed
+    where = os.environ.get("NOTIFY_SOCKET")
+    if not where:
+        return False
     try:
-        return bool(daemon.notify(state))
+        _send_notify(where, state.encode())
+        return True
     except OSError as exc:
         if not _notify_failed:
             _notify_failed = True
             logger.warning("systemd: cannot notify %s: %s", os.environ.get("NOTIFY_SOCKET"), exc)
         return False
+
+
+NOTIFY_RETRY_S: tuple[float | None, ...] = (0.005, 0.005, None)
+
+
+def _send_notify(where: str, message: bytes) -> None:
+    """sd_notify's datagram, sent without blocking.
+
+    Not `systemd.daemon.notify`: its send blocks while the socket's queue is full (a
+    listener that stopped reading), holding the GIL, which freezes every thread of
+    the agent. Only the AF_UNIX forms of NOTIFY_SOCKET are supported (path, @abstract).
+    """
+    if where.startswith("@") and len(where) > 1:
+        address = "\0" + where[1:]
+    elif where.startswith("/"):
+        address = where
+    else:
+        raise OSError(errno.EINVAL, "not an AF_UNIX socket address")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        for wait_s in NOTIFY_RETRY_S:
+            try:
+                sock.sendto(message, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL, address)
+                return
+            except BlockingIOError:
+                # A queue full for a moment (systemd busy at boot) must not cost READY=1,
+                # whose loss gets the unit killed at its start timeout: two short retries.
+                if wait_s is None:
+                    raise
+                time.sleep(wait_s)
 
 
 def watchdog_interval_s(
