@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as paho_mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -35,6 +36,13 @@ logger = logging.getLogger(__name__)
 
 # Distinct connect-failure reasons logged at WARNING per outage; the rest at DEBUG.
 _WARN_REASONS = 3
+# A connection up at least this long ends an outage: the backoff starts again from the
+# minimum. A broker that accepts and drops every connection at once (a crash loop, a
+# session taken over) otherwise gets a reconnect every `reconnect_min_s`, for ever.
+STABLE_S = 10.0
+# What a healthy link's silence may exceed its keepalive by (paho's 1 s loop tick and a
+# PINGREQ's round trip) before the link counts as stalled.
+STALL_GRACE_S = 3.0
 
 
 class BrokerUnavailable(Exception):
@@ -229,6 +237,60 @@ def _close_socket(client: aiomqtt.Client) -> None:
             reset()
 
 
+def _disconnect_reason(client: aiomqtt.Client) -> BaseException | None:
+    """Why paho saw the connection end (the broker's DISCONNECT reason, a lost socket),
+    marked retrieved. aiomqtt reads it only during message iteration: a drop while the
+    link still subscribed or published its birth left it to the loop's exception
+    handler ("Future exception was never retrieved"), which the agent counts as a crash.
+    Reaches into aiomqtt's `_disconnected`."""
+    disconnected = getattr(client, "_disconnected", None)
+    if (
+        isinstance(disconnected, asyncio.Future)
+        and disconnected.done()
+        and not disconnected.cancelled()
+    ):
+        return disconnected.exception()
+    return None
+
+
+def _watch_inbound(client: aiomqtt.Client, ended: list[str]) -> list[float]:
+    """[monotonic time bytes last came from the broker], kept current by wrapping paho's
+    socket reads (its own record is reset each time it sends a PINGREQ).
+
+    Also ends the connection (saying why in `ended`) on a packet longer than
+    MAX_INBOUND_PACKET_BYTES: paho would read all of it into memory and hand it on,
+    whatever maximum the CONNECT announced. paho reads a packet's body asking for
+    all of its remaining length, so that is checked before any of it is read.
+    Reaches into aiomqtt's paho client; without it, paho's keepalive (2x) still applies."""
+    last_in = [time.monotonic()]
+    paho = getattr(client, "_client", None)
+    recv = getattr(paho, "_sock_recv", None)
+    if paho is None or recv is None:
+        return last_in
+
+    def counted(bufsize: int) -> bytes:
+        if bufsize > MAX_INBOUND_PACKET_BYTES:
+            ended.append(
+                f"the broker sent a packet of {bufsize} bytes, too large"
+                f" (at most {MAX_INBOUND_PACKET_BYTES} allowed)"
+            )
+            raise ConnectionAbortedError(ended[-1])  # paho: the connection is lost
+        data: bytes = recv(bufsize)
+        last_in[0] = time.monotonic()
+        return data
+
+    paho._sock_recv = counted
+    return last_in
+
+
+def _end_connection(client: aiomqtt.Client) -> None:
+    """Close the socket as paho's own keepalive does, so aiomqtt and the link see a
+    normal loss (message iteration ends, publishes in flight fail)."""
+    paho = client._client
+    paho._sock_close()
+    paho._do_on_disconnect(packet_from_broker=False, v1_rc=paho_mqtt.MQTT_ERR_KEEPALIVE)
+
+
 def _on_socket_close(client: aiomqtt.Client, closed: Callable[[], None]) -> None:
     """Also call `closed` (on the loop) when paho closes the socket.
 
@@ -326,6 +388,7 @@ class BrokerLink:
         self.session = sessions.value
         self.last_error: str | None = None
         self._closing = False
+        self._up_since = 0.0  # monotonic time `connected` was last set
         self.publishes_refused = 0  # PUBACKs with a failure reason code (MQTT 5)
         self._refusal_said: dict[str, float] = {}  # topic -> monotonic time of its warning
 
@@ -387,12 +450,19 @@ class BrokerLink:
             if self._closing:
                 return
             if was_up:
-                logger.warning("mqtt: connection lost: %s", self.last_error)
+                up_s = time.monotonic() - self._up_since
+                if up_s >= STABLE_S:
+                    delays = backoff_delays(
+                        self._cfg.reconnect_min_s, self._cfg.reconnect_max_s, self._rng
+                    )
+                    warned.clear()
+                # A flapping broker is said once per reason, like failed connects.
+                say = logger.debug
+                if len(warned) < _WARN_REASONS and (self.last_error or "") not in warned:
+                    warned.add(self.last_error or "")
+                    say = logger.warning
+                say("mqtt: connection lost after %.1f s up: %s", up_s, self.last_error)
                 self._bus.publish(BrokerDisconnected(self.last_error or "lost"))
-                delays = backoff_delays(
-                    self._cfg.reconnect_min_s, self._cfg.reconnect_max_s, self._rng
-                )
-                warned.clear()
             elif len(warned) < _WARN_REASONS and (self.last_error or "") not in warned:
                 # Warn once per reason while down; the retries repeat at DEBUG.
                 warned.add(self.last_error or "")
@@ -446,8 +516,11 @@ class BrokerLink:
         # aiomqtt warns on every publish while more than this many await their PUBACK;
         # the spool drain keeps `max_inflight` in flight by design (plus health, replies).
         client.pending_calls_threshold = 2 * cfg.max_inflight + 16
+        ended: list[str] = []  # why the link itself ended the connection
+        last_in = _watch_inbound(client, ended)
         await self._enter(client, dropped)
         client_log.connected = True
+        watchdog = asyncio.ensure_future(self._watch_silence(client, last_in, ended))
         try:
             self._lost = asyncio.get_running_loop().create_future()
             self._client = client
@@ -458,6 +531,7 @@ class BrokerLink:
             await self._on_connected(session)
             self.connected.set()
             self.disconnected.clear()
+            self._up_since = time.monotonic()
             logger.info(
                 "mqtt: connected to %s:%d (session %d, MQTT %s)",
                 cfg.host,
@@ -468,13 +542,50 @@ class BrokerLink:
             self._bus.publish(BrokerConnected(session))
             async for message in client.messages:
                 self._dispatch(message)
+        except aiomqtt.MqttError as exc:
+            # "Disconnected during message iteration", a failed subscribe: the reason is
+            # what paho saw (the broker's DISCONNECT reason code, a lost socket).
+            reason: object = ended[0] if ended else _disconnect_reason(client)
+            if dropped.done() and getattr(getattr(reason, "rc", None), "value", None) == 128:
+                reason = dropped.result()  # paho's "Unspecified error" for a lost socket
+            if reason is None or str(reason) == str(exc):
+                raise
+            raise BrokerUnavailable(f"{exc}: {reason}") from exc
         finally:
+            watchdog.cancel()
+            _disconnect_reason(client)
             # A normal DISCONNECT, so the broker discards the Will.
             await client.__aexit__(None, None, None)
+
+    async def _watch_silence(
+        self, client: aiomqtt.Client, last_in: list[float], ended: list[str]
+    ) -> None:
+        """End the connection once the broker has sent nothing for 1.5x keepalive.
+
+        paho sends PINGREQ after a keepalive of silence and gives up only after another
+        whole keepalive without PINGRESP; a link that stalls without closing (a NAT or
+        a proxy that stops forwarding) held publishes and commands for 2x keepalive.
+        A healthy broker answers PINGREQ at once: its silence is at most a keepalive, plus
+        up to a second before paho's loop sends the ping, plus the round trip; at least
+        3 s are left for those two (a slow cellular link, the shortest keepalive)."""
+        keepalive = self._cfg.keepalive_s
+        limit = max(1.5 * keepalive, keepalive + STALL_GRACE_S)
+        while (silent := time.monotonic() - last_in[0]) < limit:  # noqa: ASYNC110 - a deadline
+            await asyncio.sleep(limit - silent + 0.01)
+        ended.append(
+            f"nothing from the broker for {silent:.1f} s (keepalive {self._cfg.keepalive_s} s):"
+            " the link stalled"
+        )
+        _end_connection(client)
 
     @staticmethod
     async def _enter(client: aiomqtt.Client, dropped: asyncio.Future[str]) -> None:
         """CONNECT and wait for CONNACK, or fail as soon as the socket is dropped."""
+        # aiomqtt's __aenter__ replaces this future if it completed by the time CONNACK
+        # was handled: a broker that hangs up right after CONNACK left the link "up" on
+        # a dead client (the drop forgotten, its exception unretrieved: fatal in the
+        # agent's loop handler). Kept here to see that drop.
+        disconnected = client._disconnected
         enter = asyncio.ensure_future(client.__aenter__())
         either: set[asyncio.Future[Any]] = {enter, dropped}
         try:
@@ -499,6 +610,12 @@ class BrokerLink:
                 raise refused
             raise BrokerUnavailable(f"connection closed before CONNACK: {dropped.result()}")
         enter.result()
+        if disconnected.done():
+            reason = None if disconnected.cancelled() else disconnected.exception()
+            if not client._disconnected.done():  # nothing left to DISCONNECT
+                client._disconnected.set_result(None)
+            await client.__aexit__(None, None, None)  # releases aiomqtt's lock
+            raise BrokerUnavailable(f"connection closed right after CONNACK: {reason}")
 
     def _refused(self, topic: str, reason: str, *, by_broker: bool = True) -> None:
         """The broker answered a publish with a failure (MQTT 5 PUBACK: its ACL, quota or
