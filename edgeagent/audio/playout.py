@@ -306,12 +306,14 @@ class PlayoutBuffer:
     def _shift(self, count: int) -> None:
         """Drop `count` samples from the front (played or overrun)."""
         cap = self._buf.size
-        count = min(count, cap)
-        self._buf[: cap - count] = self._buf[count:]
-        self._buf[cap - count :] = 0
-        self._have[: cap - count] = self._have[count:]
-        self._have[cap - count :] = False
+        n = min(count, cap)
+        self._buf[: cap - n] = self._buf[n:]
+        self._buf[cap - n :] = 0
+        self._have[: cap - n] = self._have[n:]
+        self._have[cap - n :] = False
         self._end = max(0, self._end - count)
+        # All of `count`, even past the buffer: a push far ahead (`_push`'s excess) moves
+        # the timeline by that much, or its samples land at the wrong offset.
         if self._base_ts is not None:
             self._base_ts += count
 

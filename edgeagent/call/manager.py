@@ -785,6 +785,7 @@ class CallManager:
                 "overruns": st.overruns,
                 "max_depth_ms": round(st.max_depth_ms, 1),
                 "late_frames": st.late_frames,
+                "decode_errors": session.decode_errors(),
             }
         return p.Summary(
             v=1,

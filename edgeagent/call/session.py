@@ -574,6 +574,7 @@ class CallSession:
         audio["concealed_frames"] = pstats.concealed_frames + plc + fec
         audio["plc_frames"] = plc
         audio["fec_frames"] = fec
+        audio["decode_errors"] = self.decode_errors()
         sample = QualitySample(mos, r, win, depth, audio, remote_mos, no_media)
         self.record.samples.append(sample)
         self._on_quality(sample)
@@ -593,6 +594,10 @@ class CallSession:
                 plc += inline.plc.plc_frames
                 fec += inline.plc.fec_frames
         return plc, fec
+
+    def decode_errors(self) -> int:
+        """Packets that arrived but could not be decoded (garbage, empty), so far."""
+        return sum(inline.errors for inline in receive_decoders(self.pc))
 
     def decodes_with_plc(self) -> bool:
         """Whether lost packets are concealed by libopus (True) or faded by the playout buffer."""

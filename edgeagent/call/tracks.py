@@ -314,6 +314,10 @@ class InlineDecodeQueue:
         self._stopped = threading.Event()
         self._decoder: Any = None
         self._codec_name: str | None = None
+        # One decoder per codec, kept when the far end switches payload type and back:
+        # a new one would lose the stream's state and zero the PLC/FEC counters that
+        # quality messages report as cumulative.
+        self._decoders: dict[str, Any] = {}
         self.decoded = 0  # encoded frames decoded inline
         self.errors = 0
 
@@ -325,16 +329,21 @@ class InlineDecodeQueue:
             return
         codec, encoded_frame = task
         if codec.name != self._codec_name:
-            self._decoder = self._new_decoder(codec)
+            decoder = self._decoders.get(codec.name)
+            if decoder is None:
+                decoder = self._decoders[codec.name] = self._new_decoder(codec)
+            self._decoder = decoder
             self._codec_name = codec.name
+        if not encoded_frame.data:
+            # PyAV takes an empty packet for the end of the stream, and its decoder then
+            # refuses every later packet (EOFError): the call's audio would be gone.
+            self._refused(codec.name, "empty payload")
+            return
         try:
             frames = self._decoder.decode(encoded_frame)
         except (av.FFmpegError, OpusDecodeError) as exc:
             # Keep the decoder state, as aiortc does; count and go on.
-            self.errors += 1
-            log = logger.warning if self.errors == 1 else logger.debug  # warn once
-            log("remote audio: cannot decode a %s frame: %s", codec.name, exc)
-            self._decode_error.set()
+            self._refused(codec.name, exc)
             return
         self.decoded += 1
         deliver = self.deliver
@@ -354,6 +363,12 @@ class InlineDecodeQueue:
                 frame = decoded_to_frame(frame)
             output.put_nowait(frame)
 
+    def _refused(self, codec_name: str, why: object) -> None:
+        self.errors += 1
+        log = logger.warning if self.errors == 1 else logger.debug  # warn once
+        log("remote audio: cannot decode a %s frame: %s", codec_name, why)
+        self._decode_error.set()
+
     def get(self) -> None:
         """The decoder thread's only task: wait for the stop, then end the track."""
         self._stopped.wait()
@@ -368,8 +383,11 @@ class InlineDecodeQueue:
 
     @property
     def plc(self) -> PlcDecoder | None:
-        """The Opus PLC decoder in use (its counters), or None."""
-        return self._decoder if isinstance(self._decoder, PlcDecoder) else None
+        """The stream's Opus PLC decoder (its counters), or None."""
+        for decoder in self._decoders.values():
+            if isinstance(decoder, PlcDecoder):
+                return decoder
+        return None
 
 
 def decoded_to_frame(audio: DecodedAudio) -> av.AudioFrame:

@@ -180,6 +180,8 @@ def window(prev: NetworkStats | None, cur: NetworkStats) -> WindowStats:
 
 PACKETS_PER_S = 50
 """Inbound packets a second a sending far end gives: 20 ms Opus frames (aiortc, browsers)."""
+MAX_PACKETS_PER_S = 100
+"""The most a far end sends: 10 ms frames, the `minptime` our SDP asks for."""
 
 
 class OutageLoss:
@@ -192,11 +194,17 @@ class OutageLoss:
     (`loss_pct` 100). When packets come back with their sequence numbers continued, the
     receiver counts the gap as lost; the packets already counted are taken off that
     window's loss (once: any left over is dropped then), so the outage is counted once.
+
+    A window that counts more lost than the far end could have sent since it was last
+    heard (`MAX_PACKETS_PER_S`) saw its sequence numbers jump (a sender that renumbered),
+    not loss: its loss is unknown (None), not the 99 % the jump would make of it.
     """
 
     def __init__(self) -> None:
         self.assumed = 0  # packets counted lost in empty windows, not yet seen as a gap
         self.outage_s = 0.0
+        self.renumbered = 0  # windows whose loss was a sequence jump
+        self._unheard_s = 0.0  # empty windows since packets last came
 
     def adjust(self, win: WindowStats, *, media_flowed: bool) -> tuple[WindowStats, bool]:
         """The window with outages counted; True when it is one (no packet in it)."""
@@ -208,7 +216,13 @@ class OutageLoss:
             assumed = max(1, round(win.duration_s * PACKETS_PER_S))
             self.assumed += assumed
             self.outage_s += win.duration_s
+            self._unheard_s += win.duration_s
             return replace(win, loss_pct=100.0, packets_lost=assumed), True
+        unheard_s, self._unheard_s = self._unheard_s + win.duration_s, 0.0
+        if win.packets_lost > unheard_s * MAX_PACKETS_PER_S:
+            self.assumed = 0
+            self.renumbered += 1
+            return replace(win, loss_pct=None, packets_lost=0), False
         credit, self.assumed = min(self.assumed, win.packets_lost), 0
         if credit == 0:
             return win, False

@@ -126,6 +126,7 @@ class AudioQuality(msgspec.Struct, kw_only=True, omit_defaults=True):
     concealed_frames: int | None = None
     plc_frames: int | None = None  # of concealed: synthesised by libopus PLC
     fec_frames: int | None = None  # of concealed: recovered from in-band FEC
+    decode_errors: int | None = None  # packets that arrived but could not be decoded
     tx_speech_level_dbfs: float | None = None
     rx_clipping_pct: float | None = None
     issues: list[str] | None = None
