@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import psutil
 import pytest
+from test_system import write
 
 from edgeagent.health.system import parse_wireless
 from edgeagent.hw import net, systemd
@@ -98,16 +99,6 @@ def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def write(root: Path, rel: str, content: str | bytes) -> Path:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content)
-    return path
 
 
 def zone(root: Path, index: int, milli: str | bytes, kind: str | bytes | None = None) -> Path:
