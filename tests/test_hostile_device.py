@@ -71,9 +71,21 @@ def marked_processes(mark: str) -> list[psutil.Process]:
         try:
             if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(MARK) == mark:
                 out.append(proc)
-        except psutil.Error:
+        except psutil.Error:  # gone meanwhile, or not ours to read
             continue
     return out
+
+
+def status_or_none(proc: psutil.Process) -> str | None:
+    with contextlib.suppress(psutil.Error):
+        return str(proc.status())
+    return None  # gone between the listing and the read
+
+
+def name_or_none(proc: psutil.Process) -> str | None:
+    with contextlib.suppress(psutil.Error):
+        return str(proc.name())
+    return None  # gone between the listing and the read
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +99,9 @@ def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     yield mark
     living = marked_processes(mark)
     zombies = [
-        p.pid for p in me.children() if p.pid not in before and p.status() == psutil.STATUS_ZOMBIE
+        p.pid
+        for p in me.children()
+        if p.pid not in before and status_or_none(p) == psutil.STATUS_ZOMBIE
     ]
     described = []
     for proc in living:
@@ -477,7 +491,8 @@ async def test_hanging_commands_neither_block_the_loop_nor_pile_up(
             now = time.monotonic()
             worst_gap = max(worst_gap, now - last)
             last = now
-            kids = [f"{p.pid}:{p.name()}" for p in marked_processes(mark)]
+            named = ((p.pid, name_or_none(p)) for p in marked_processes(mark))
+            kids = [f"{pid}:{name}" for pid, name in named if name is not None]
             if len(kids) > most_children:
                 most_children, seen = len(kids), kids
 
