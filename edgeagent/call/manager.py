@@ -786,6 +786,7 @@ class CallManager:
                 "max_depth_ms": round(st.max_depth_ms, 1),
                 "late_frames": st.late_frames,
                 "decode_errors": session.decode_errors(),
+                "late_packets": session.late_packets(),
             }
         return p.Summary(
             v=1,

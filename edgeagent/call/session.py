@@ -575,6 +575,7 @@ class CallSession:
         audio["plc_frames"] = plc
         audio["fec_frames"] = fec
         audio["decode_errors"] = self.decode_errors()
+        audio["late_packets"] = self.late_packets()
         sample = QualitySample(mos, r, win, depth, audio, remote_mos, no_media)
         self.record.samples.append(sample)
         self._on_quality(sample)
@@ -598,6 +599,10 @@ class CallSession:
     def decode_errors(self) -> int:
         """Packets that arrived but could not be decoded (garbage, empty), so far."""
         return sum(inline.errors for inline in receive_decoders(self.pc))
+
+    def late_packets(self) -> int:
+        """Packets dropped before decoding: older than one already passed on, or repeats."""
+        return sum(int(getattr(b, "late", 0)) for b in self._receive_buffers)
 
     def decodes_with_plc(self) -> bool:
         """Whether lost packets are concealed by libopus (True) or faded by the playout buffer."""

@@ -127,6 +127,7 @@ class AudioQuality(msgspec.Struct, kw_only=True, omit_defaults=True):
     plc_frames: int | None = None  # of concealed: synthesised by libopus PLC
     fec_frames: int | None = None  # of concealed: recovered from in-band FEC
     decode_errors: int | None = None  # packets that arrived but could not be decoded
+    late_packets: int | None = None  # arrived after a newer one, or twice: dropped
     tx_speech_level_dbfs: float | None = None
     rx_clipping_pct: float | None = None
     issues: list[str] | None = None
