@@ -13,18 +13,28 @@ from pathlib import Path
 
 import pytest
 
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port, never one this process handed out before: two taken in a
+    row (a broker's MQTT and websocket listeners) could otherwise be the same one."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            # A connect whose ephemeral source port is `port` itself succeeds with nobody
+            # listening (TCP simultaneous open with itself): not a listener.
+            if s.connect_ex(("127.0.0.1", port)) == 0 and s.getsockname() != s.getpeername():
                 return
         time.sleep(0.02)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
@@ -45,6 +55,8 @@ class Broker:
             [exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         wait_port(self.port)
+        if self.proc.poll() is not None:  # it answered, then exited (a listener it could not bind)
+            raise RuntimeError(f"mosquitto exited at start ({self.proc.returncode}): {self.conf}")
 
     def stop(self) -> None:
         if self.proc is not None:
