@@ -16,7 +16,9 @@ Rows:
 - agent CPU per call-second: utime + stime of the agent process alone (/proc/<pid>/stat)
   over a `--window-s` window that starts `settle` seconds after `call.established`,
   divided by the window's wall time; baresip: two 1.0.0 instances calling each other
-  (bench/baresip.py), per endpoint, same window length, measured just before the agent.
+  (bench/baresip.py), per endpoint, same window length, measured just before the agent;
+  and two stock aiortc endpoints calling each other (bench/raw_aiortc.py), what the
+  library the agent is built on costs with nothing added.
   Under it, the same window's user/kernel split and CPU per thread (/proc/<pid>/task/*/stat),
   then same-run variants, each a fresh agent and call: AEC off (`[audio.aec] enabled = false`),
   Opus complexity 5, both; and with `--baseline-tree DIR` the agent of another checkout
@@ -70,6 +72,7 @@ import baresip  # noqa: E402
 import cpusplit  # noqa: E402
 import instructions  # noqa: E402
 import latency  # noqa: E402
+import raw_aiortc  # noqa: E402
 import speech  # noqa: E402
 from agent_support import agent_config  # noqa: E402
 from conftest import free_port, wait_port, write_mosquitto_conf  # noqa: E402
@@ -830,6 +833,7 @@ async def main_async(args: argparse.Namespace) -> None:
         conf = write_asoundrc(tmp, settle_s + args.window_s + 30)
         env = {"ALSA_CONFIG_PATH": str(conf)}
         ref = ref_sine = ref_secure = None
+        stock: raw_aiortc.RawResult | None = None
         alone: dict[str, float] = {}
         alone_paced: float | None = None
         if baresip.available():
@@ -841,6 +845,8 @@ async def main_async(args: argparse.Namespace) -> None:
             ref_sine = baresip.measure(args.window_s, settle_s=4.0, signal="sine")
             print(f"baresip with DTLS-SRTP: {args.window_s:.0f} s window ...", flush=True)
             ref_secure = baresip.measure(args.window_s, settle_s=4.0, secure=True)
+            print(f"stock aiortc endpoints: {args.window_s:.0f} s window ...", flush=True)
+            stock = raw_aiortc.measure(args.window_s, settle_s=settle_s)
             print("the agent's audio work alone (bench/instructions.py --time) ...", flush=True)
             alone, alone_paced = audio_work_alone()
         else:
@@ -978,6 +984,15 @@ async def main_async(args: argparse.Namespace) -> None:
             "",
             f"ratio on it {ic.cpu_ms_per_s / ref_sine.per_endpoint_ms:.2f}; "
             "libopus codes a tone for about a third of speech's CPU",
+        )
+    if ref is not None and stock is not None:
+        row(
+            "  stock aiortc 1.16 per endpoint (ms CPU per s)",
+            f"{stock.per_endpoint_ms:.1f}",
+            "",
+            f"ratio {stock.per_endpoint_ms / ref.per_endpoint_ms:.2f} to baresip, the agent "
+            f"{ic.cpu_ms_per_s / stock.per_endpoint_ms:.2f}x it; MediaPlayer speech in, "
+            "MediaBlackhole out, no AEC or checks (bench/raw_aiortc.py)",
         )
     if ref is not None and alone:
         total = sum(alone.values())
