@@ -81,6 +81,16 @@ def cmd_check_config(path: Path) -> int:
         for line in exc.errors:
             print(f"  {path}: {line}", file=sys.stderr)
         return EXIT_CONFIG
+    from edgeagent.mqtt import BrokerUnavailable, tls_context
+
+    try:
+        # The agent reads these at each connection attempt and retries while they are
+        # unusable; before a deployment that is a device that never reaches its broker.
+        tls_context(cfg.mqtt)
+    except BrokerUnavailable as exc:
+        print(f"{path}: 1 error(s)", file=sys.stderr)
+        print(f"  {path}: mqtt.tls: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     print(f"{path}: ok (device {cfg.device.id}, broker {cfg.mqtt.host}:{cfg.mqtt.port})")
     return EXIT_OK
 

@@ -76,6 +76,14 @@ class TlsConfig(_Section):
     key_file: FsPath | None = None
     insecure_skip_verify: bool = False
 
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TlsConfig:
+        # The files themselves are read at each connection attempt (a missing one is
+        # retried, and check-config reports it); a key alone is a mistake in the config.
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set without cert_file")
+        return self
+
 
 class MqttConfig(_Section):
     host: str = "127.0.0.1"

@@ -364,6 +364,7 @@ async def test_client_key_file_missing_is_logged_and_retried(
     tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="edgeagent.mqtt")
+    # Gone after the config was read (check-config would have named it): retried, not fatal.
     tls = TlsConfig(
         enabled=True, ca_file=pki.ca, cert_file=pki.client_cert, key_file=tmp_path / "nope.key"
     )
@@ -372,6 +373,43 @@ async def test_client_key_file_missing_is_logged_and_retried(
             await assert_keeps_retrying(link)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "nope.key" in warnings[0], warnings
+
+
+def test_check_config_reads_the_tls_files(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CA or client certificate the agent could not use is a config error before deployment;
+    `run` keeps retrying with it (the tests above), so nothing else would say so."""
+    from edgeagent.cli import main
+
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("not a certificate\n")
+
+    def check(tls: str) -> tuple[int, str]:
+        path = tmp_path / "dev.toml"
+        path.write_text(f'[device]\nid = "dev-1"\n[mqtt.tls]\nenabled = true\n{tls}')
+        code = main(["check-config", str(path)])
+        return code, capsys.readouterr().err
+
+    assert check(f'ca_file = "{pki.ca}"\n') == (0, "")
+    both = f'ca_file = "{pki.ca}"\ncert_file = "{pki.client_cert}"\nkey_file = "{pki.client_key}"\n'
+    assert check(both) == (0, "")
+    for tls, expect in (
+        (f'ca_file = "{tmp_path / "gone.pem"}"\n', f"TLS CA file {tmp_path / 'gone.pem'} unusable"),
+        (f'ca_file = "{not_pem}"\n', f"TLS CA file {not_pem} unusable"),
+        (
+            f'cert_file = "{pki.client_cert}"\nkey_file = "{tmp_path / "gone.key"}"\n',
+            f"key {tmp_path / 'gone.key'} unusable",
+        ),
+        (f'key_file = "{pki.client_key}"\n', "mqtt.tls: key_file is set without cert_file"),
+    ):
+        code, err = check(tls)
+        assert code == 78, (tls, err)
+        assert expect in err, (tls, err)
+    # Not enabled: the files are not used, and not read.
+    path = tmp_path / "off.toml"
+    path.write_text(f'[device]\nid = "dev-1"\n[mqtt.tls]\nca_file = "{tmp_path / "gone.pem"}"\n')
+    assert main(["check-config", str(path)]) == 0
 
 
 # --- username / password ----------------------------------------------------------------
