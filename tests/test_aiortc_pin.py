@@ -29,7 +29,7 @@ from edgeagent.call.opus import (
     OpusSettings,
     munge_sdp,
 )
-from edgeagent.call.tracks import RECEIVER_JITTER_ATTR, ArrivalOrderBuffer
+from edgeagent.call.tracks import RECEIVER_JITTER_ATTR, RECEIVER_STREAMS_ATTR, ArrivalOrderBuffer
 
 DRIFT = "aiortc/aioice internals changed: re-check edgeagent/call/{tracks,opus,ice}.py"
 
@@ -46,6 +46,21 @@ def test_receiver_still_feeds_packets_through_a_replaceable_jitter_buffer() -> N
     assert "self.__decoder_queue.put((codec, encoded_frame))" in src, DRIFT
     assert list(inspect.signature(JitterFrame).parameters) == ["data", "timestamp"], DRIFT
     assert "__jitter_buffer" in RECEIVER_JITTER_ATTR
+
+
+def test_receiver_still_keeps_replaceable_stream_statistics() -> None:
+    """SteadyStreamStatistics (edgeagent/call/tracks.py) relies on these."""
+    src = inspect.getsource(aiortc.rtcrtpreceiver.RTCRtpReceiver)
+    assert "self.__remote_streams: dict[int, StreamStatistics] = {}" in src, DRIFT
+    assert (
+        "self.__remote_streams[packet.ssrc] = StreamStatistics(codec.clockRate)\n"
+        "        self.__remote_streams[packet.ssrc].add(packet)"
+    ) in src, DRIFT
+    assert "__remote_streams" in RECEIVER_STREAMS_ATTR
+    stats = inspect.getsource(aiortc.rtcrtpreceiver.StreamStatistics)
+    for field in ("_clockrate", "_jitter_q4", "_last_arrival", "_last_timestamp", "cycles"):
+        assert f"self.{field} = " in stats, DRIFT
+    assert "return self._jitter_q4 >> 4" in stats, DRIFT
 
 
 def test_arrival_order_buffer_passes_in_order_and_drops_late() -> None:

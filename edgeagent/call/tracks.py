@@ -33,6 +33,7 @@ import fractions
 import functools
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpReceiver
 from aiortc.codecs import get_decoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcrtpreceiver import StreamStatistics
+from aiortc.utils import uint16_gt
 
 from edgeagent.audio.frames import SAMPLE_RATE, Samples, downmix, resample_linear
 from edgeagent.audio.playout import PlayoutBuffer
@@ -62,6 +65,12 @@ RECEIVER_JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
 RECEIVER_DECODER_QUEUE_ATTR = "_RTCRtpReceiver__decoder_queue"
 RECEIVER_DECODER_THREAD_ATTR = "_RTCRtpReceiver__decoder_thread"
 RECEIVER_DECODE_ERROR_ATTR = "_RTCRtpReceiver__decoder_error"
+RECEIVER_STREAMS_ATTR = "_RTCRtpReceiver__remote_streams"
+
+# libwebrtc's receive statistics leave the jitter alone when one transit difference is
+# this many samples or more ("crazy jumps in TS for the same stream"; 5 s at 90 kHz,
+# 9.4 s at 48 kHz): a sender that restarts its timestamps is not network jitter.
+JITTER_JUMP_SAMPLES = 450_000
 
 Processor = Callable[[Samples], Samples]
 RenderTap = Callable[[Samples], None]
@@ -271,6 +280,65 @@ class ArrivalOrderBuffer:
         return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)
 
 
+class SteadyStreamStatistics(StreamStatistics):
+    """aiortc 1.16's per-SSRC receive statistics, with a jitter that a sender's timestamp
+    jump, a 32-bit timestamp wrap or a step of the wall clock cannot blow up.
+
+    aiortc computes RFC 3550's interarrival jitter from `time.time()` and the raw
+    difference of two 32-bit timestamps, and takes every difference in: a far end that
+    jumps its timestamps by an hour on the same SSRC (a restarted media process), the
+    wrap every 24.9 h of a 48 kHz clock, or an NTP step of the device's clock put
+    minutes of "jitter" into the RTCP reports and the quality messages, and one window's
+    MOS falls to its floor for a call that sounds fine. Here arrival is monotonic, the
+    timestamp difference is taken modulo 2**32, and a difference of
+    `JITTER_JUMP_SAMPLES` or more is skipped, as libwebrtc does. Sequence and loss
+    counting are aiortc's, unchanged.
+    """
+
+    _now = staticmethod(time.monotonic)
+
+    def add(self, packet: Any) -> None:
+        seq = packet.sequence_number
+        in_order = self.max_seq is None or uint16_gt(seq, self.max_seq)
+        self.packets_received += 1
+        if self.base_seq is None:
+            self.base_seq = seq
+        if not in_order:
+            return
+        arrival = int(self._now() * self._clockrate)
+        if self.max_seq is not None and seq < self.max_seq:
+            self.cycles += 1 << 16
+        self.max_seq = seq
+        last_ts, last_arrival = self._last_timestamp, self._last_arrival
+        if last_ts is not None and last_arrival is not None and packet.timestamp != last_ts:
+            ts_diff = (packet.timestamp - last_ts) & 0xFFFFFFFF
+            if ts_diff >= 0x80000000:
+                ts_diff -= 1 << 32
+            diff = abs((arrival - last_arrival) - ts_diff)
+            if diff < JITTER_JUMP_SAMPLES:
+                self._jitter_q4 += diff - ((self._jitter_q4 + 8) >> 4)
+        self._last_arrival = arrival
+        self._last_timestamp = packet.timestamp
+
+
+class _SteadyStreams(dict[int, StreamStatistics]):
+    """A receiver's statistics by SSRC: each new stream's statistics are steady ones."""
+
+    def __setitem__(self, ssrc: int, stats: StreamStatistics) -> None:
+        if type(stats) is StreamStatistics:  # made by the receiver for a new SSRC, unused
+            stats = SteadyStreamStatistics(stats._clockrate)
+        super().__setitem__(ssrc, stats)
+
+
+def steady_statistics(receiver: RTCRtpReceiver) -> None:
+    """Make `receiver` keep `SteadyStreamStatistics` for every new SSRC (idempotent)."""
+    current = getattr(receiver, RECEIVER_STREAMS_ATTR, None)
+    if not isinstance(current, dict):
+        raise RuntimeError("aiortc RTCRtpReceiver has no remote stream statistics: version drift")
+    if not isinstance(current, _SteadyStreams):
+        setattr(receiver, RECEIVER_STREAMS_ATTR, _SteadyStreams(current))
+
+
 def bypass_jitter_buffer(receiver: RTCRtpReceiver) -> ArrivalOrderBuffer:
     """Replace an audio receiver's aiortc jitter buffer with `ArrivalOrderBuffer` (idempotent)."""
     current = getattr(receiver, RECEIVER_JITTER_ATTR, None)
@@ -443,7 +511,8 @@ def install_receive_path(
     for a consumer that downmixes anyway; `opus_fec` False for a far end that sends
     no in-band FEC; `as_frames` to get `av.AudioFrame`s on the track from PlcDecoder).
     `aiortc_jitter_buffer` keeps aiortc's buffer in front of the decoder: only to
-    measure what aiortc#543 does to a call (bench/latency.py).
+    measure what aiortc#543 does to a call (bench/latency.py). The receivers' RTCP and
+    stats jitter comes from `SteadyStreamStatistics` either way.
 
     Call after `setRemoteDescription` (the answerer's transceivers are created
     there) and before media flows; calling again is harmless.
@@ -451,6 +520,7 @@ def install_receive_path(
     buffers = []
     for t in pc.getTransceivers():
         if t.kind == "audio":
+            steady_statistics(t.receiver)
             if not aiortc_jitter_buffer:
                 buffers.append(bypass_jitter_buffer(t.receiver))
             inline_decode(t.receiver, mono_opus=mono_opus, opus_fec=opus_fec, as_frames=as_frames)
