@@ -178,6 +178,24 @@ def _connack_refusal(client: aiomqtt.Client) -> BaseException | None:
     return None
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark `future`'s exception as seen (it is reported another way)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _connack_accepted(client: aiomqtt.Client) -> bool:
+    """Whether a CONNACK accepting the connection was read (see `_connack_refusal`):
+    a drop then is a drop after CONNACK, though aiomqtt's connect had not returned."""
+    connected = getattr(client, "_connected", None)
+    return (
+        isinstance(connected, asyncio.Future)
+        and connected.done()
+        and not connected.cancelled()
+        and connected.exception() is None
+    )
+
+
 _PUBLISH_OUTCOME: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
     "edgeagent_publish_outcome", default=None
 )
@@ -604,10 +622,22 @@ class BrokerLink:
                     await enter
             if enter.cancelled() or enter.exception() is not None:
                 _close_socket(client)
+                # The attempt is abandoned, and aiomqtt may record its drop now or later
+                # (a CONNACK read while its connect thread had not returned): nobody
+                # awaits that future any more, and an unretrieved exception is fatal
+                # in the agent's loop handler.
+                client._disconnected.add_done_callback(_retrieve)
         if enter.cancelled():
             refused = _connack_refusal(client)
             if refused is not None:
                 raise refused
+            if _connack_accepted(client):
+                # What the link says when aiomqtt's connect had returned: paho's reason
+                # (a protocol error), unless paho only saw the socket go.
+                reason: object = _disconnect_reason(client)
+                if reason is None or getattr(getattr(reason, "rc", None), "value", None) == 128:
+                    reason = dropped.result()
+                raise BrokerUnavailable(f"connection closed right after CONNACK: {reason}")
             raise BrokerUnavailable(f"connection closed before CONNACK: {dropped.result()}")
         enter.result()
         if disconnected.done():
