@@ -889,6 +889,24 @@ def test_odd_interface_names(
     veth_pair(bad, good.encode())
     root = tmp_path / "root"
     zone(root, 0, "47000\n", "cpu-thermal\n")
+
+    def iface(name: bytes, flags: str, rx: str, tx: str, kind: str = "1") -> None:
+        # What the kernel shows under sys/class/net (the test namespace's /sys still
+        # shows the host's interfaces, so the tree is written here).
+        d = os.fsencode(root / "sys" / "class" / "net") + b"/" + name
+        os.makedirs(d + b"/statistics")
+        for rel, text in (
+            (b"flags", flags),
+            (b"type", kind),
+            (b"statistics/rx_bytes", rx),
+            (b"statistics/tx_bytes", tx),
+        ):
+            with open(d + b"/" + rel, "w") as f:
+                f.write(text + "\n")
+
+    iface(bad, "0x1003", "1234", "5678")  # up
+    iface(good.encode(), "0x1002", "0", "0")  # down
+    iface(b"lo", "0x9", "99", "99", kind="772")  # loopback: left out
     caplog.set_level(logging.WARNING, logger="edgeagent.hw.system")
     s = within(FILE_BOUND_S, reader(tmp_path, root).sample)
     assert s.thermal_zones == {"cpu-thermal": 47.0}
@@ -899,8 +917,19 @@ def test_odd_interface_names(
         assert set(s.net) == {bad.decode(), good}
         assert s.net[good].up is False and s.net[good].rx_bytes == 0
     else:
-        assert s.net == {}  # psutil cannot list interfaces at all now: unknown, said so
-        assert any("network interfaces unreadable" in m for m in warnings(caplog))
+        # psutil cannot list any interface now; sysfs can: state and counters, no
+        # addresses, the name's bytes that are not UTF-8 escaped.
+        escaped = bad.decode("utf-8", errors="backslashreplace")
+        assert escaped == "v\\xffx"
+        assert set(s.net) == {escaped, good}, s.net
+        assert (s.net[escaped].up, s.net[escaped].rx_bytes, s.net[escaped].tx_bytes) == (
+            True,
+            1234,
+            5678,
+        )
+        assert (s.net[good].up, s.net[good].rx_bytes) == (False, 0)
+        assert s.net[escaped].addresses == s.net[good].addresses == ()
+        assert any("psutil cannot list interfaces" in m for m in warnings(caplog))
 
 
 # -- systemd's notify socket ----------------------------------------------------------------

@@ -40,6 +40,10 @@ THERMAL_DIR = "sys/class/thermal"
 THROTTLED_FILE = "sys/devices/platform/soc/soc:firmware/get_throttled"
 MODEL_FILE = "proc/device-tree/model"
 WIRELESS_FILE = "proc/net/wireless"
+NET_DIR = "sys/class/net"
+MAX_NET_INTERFACES = 64
+_IFF_UP = 0x1
+_ARPHRD_LOOPBACK = 772
 BOOT_ID_FILE = "proc/sys/kernel/random/boot_id"
 
 VCGENCMD_TIMEOUT_S = 1.0
@@ -326,9 +330,12 @@ class SystemReader:
             stats = psutil.net_if_stats()
             addrs = psutil.net_if_addrs()
             io = psutil.net_io_counters(pernic=True)
+        except UnicodeError as exc:
+            # psutil cannot list any interface once one is named in bytes that are not
+            # UTF-8 (legal for the kernel; psutil has no per-name call): sysfs still can.
+            self._warn("net", "health: psutil cannot list interfaces (%s); reading sysfs", exc)
+            return self._with_modem(self._net_from_sysfs(wifi, modem), modem)
         except _PSUTIL_ERRORS as exc:
-            # UnicodeError (a ValueError) too: psutil cannot list any interface once one is
-            # named in bytes that are not UTF-8 (legal for the kernel; no per-name call).
             self._warn("net", "health: network interfaces unreadable: %s", exc)
             return {}
         out: dict[str, NetInterface] = {}
@@ -345,11 +352,52 @@ class SystemReader:
                 wifi=wifi.get(name),
                 modem=modem if modem is not None and modem.interface == name else None,
             )
+        return self._with_modem(out, modem)
+
+    @staticmethod
+    def _with_modem(
+        out: dict[str, NetInterface], modem: ModemStatus | None
+    ) -> dict[str, NetInterface]:
         if modem is not None and (modem.interface or "modem") not in out:
             # The modem's net port is down or unnamed: the modem still reports (searching,
             # denied registration, no signal), and that is what explains it.
             out[modem.interface or "modem"] = NetInterface(False, (), None, None, modem=modem)
         return out
+
+    def _net_from_sysfs(
+        self, wifi: dict[str, WifiSignal], modem: ModemStatus | None
+    ) -> dict[str, NetInterface]:
+        """Interfaces from `sys/class/net`: up (IFF_UP) and byte counters, no addresses
+        (those need netlink); names with the bytes that are not UTF-8 escaped (`v\\xffx`)."""
+        base = os.fsencode(self._root / NET_DIR)
+        try:
+            names = sorted(os.listdir(base))[:MAX_NET_INTERFACES]
+        except (OSError, ValueError) as exc:
+            self._warn("net-sysfs", "health: %s unreadable: %s", os.fsdecode(base), exc)
+            return {}
+        out: dict[str, NetInterface] = {}
+        for raw in names:
+            d = Path(os.fsdecode(base + b"/" + raw))
+            if self._int_attr(d / "type", 10) == _ARPHRD_LOOPBACK:
+                continue
+            name = raw.decode("utf-8", errors="backslashreplace")
+            flags = self._int_attr(d / "flags", 16)
+            out[name] = NetInterface(
+                up=flags is not None and bool(flags & _IFF_UP),
+                addresses=(),
+                rx_bytes=self._int_attr(d / "statistics" / "rx_bytes", 10),
+                tx_bytes=self._int_attr(d / "statistics" / "tx_bytes", 10),
+                wifi=wifi.get(name),
+                modem=modem if modem is not None and modem.interface == name else None,
+            )
+        return out
+
+    @staticmethod
+    def _int_attr(path: Path, base: int) -> int | None:
+        try:
+            return int(read_attribute(path).strip(), base)
+        except (OSError, ValueError):
+            return None
 
 
 def boot_id(root: Path = Path("/")) -> str:
