@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import socket
 
 import aioice
@@ -61,6 +62,25 @@ def test_receiver_still_keeps_replaceable_stream_statistics() -> None:
     for field in ("_clockrate", "_jitter_q4", "_last_arrival", "_last_timestamp", "cycles"):
         assert f"self.{field} = " in stats, DRIFT
     assert "return self._jitter_q4 >> 4" in stats, DRIFT
+
+
+def test_sender_and_receiver_take_only_differences_of_time_time() -> None:
+    """monotonic_rtcp_clocks (edgeagent/call/tracks.py) gives them the monotonic clock."""
+    expected = {
+        aiortc.rtcrtpsender: [
+            "rtt = time.time() - self.__lsr_time - (report.dlsr / 65536)",
+            "self.__lsr_time = time.time()",
+        ],
+        aiortc.rtcrtpreceiver: [
+            "arrival = int(time.time() * self._clockrate)",
+            "self.__lsr_time[packet.ssrc] = time.time()",
+            "delay = time.time() - self.__lsr_time[ssrc]",
+        ],
+    }
+    for module, uses in expected.items():
+        src = inspect.getsource(module)
+        found = [line.strip() for line in src.splitlines() if re.search(r"\btime\.", line)]
+        assert found == uses, f"{module.__name__}: {found}. {DRIFT}"
 
 
 def test_arrival_order_buffer_passes_in_order_and_drops_late() -> None:

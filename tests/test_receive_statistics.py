@@ -1,4 +1,4 @@
-"""The receive statistics behind RTCP jitter and the quality messages' jitter_ms.
+"""The receive statistics behind RTCP and the quality messages' jitter_ms and rtt_ms.
 
 aiortc's `StreamStatistics` takes every timestamp difference into RFC 3550's
 jitter; `SteadyStreamStatistics` (edgeagent/call/tracks.py) skips the jumps
@@ -9,21 +9,28 @@ the spike the case is about, ours does not.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import aiortc.rtcrtpreceiver
+import aiortc.rtcrtpsender
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import AudioStreamTrack
+from aiortc.rtp import RtcpReceiverInfo, RtcpRrPacket
 
+from edgeagent.call.ice import restrict_host_addresses
 from edgeagent.call.tracks import (
     RECEIVER_STREAMS_ATTR,
     SteadyStreamStatistics,
     install_receive_path,
+    monotonic_rtcp_clocks,
 )
 
 RATE = 48000
+SENDER_LSR_ATTR = "_RTCRtpSender__lsr"
 FRAME = 960  # 20 ms
 
 
@@ -134,3 +141,59 @@ async def test_install_receive_path_makes_new_streams_steady() -> None:
 
 def test_clock_is_monotonic() -> None:
     assert SteadyStreamStatistics._now is time.monotonic
+
+
+async def remote_rtt_s(pc: RTCPeerConnection) -> tuple[float | None, object]:
+    """(roundTripTime, the report's timestamp) of `pc`'s last RTCP receiver report."""
+    for s in (await pc.getStats()).values():
+        if s.type == "remote-inbound-rtp":
+            return s.roundTripTime, s.timestamp
+    return None, None
+
+
+async def test_a_wall_clock_step_between_sr_and_rr_is_not_round_trip_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """NTP steps a Pi's clock (no clock chip) when it first syncs, often during a call.
+    aiortc timed RTCP on the wall clock: a step between one of our SRs and the far
+    end's RR answering it became RTT whole (an hour's step: an hour of RTT, averaged
+    out over a minute of reports). A real call on loopback; once our sender has sent an
+    SR, the clock steps an hour and the RR for that SR arrives, in one loop turn."""
+    a, b = RTCPeerConnection(), RTCPeerConnection()
+    try:
+        for pc in (a, b):
+            pc.addTrack(AudioStreamTrack())  # silence, paced by aiortc
+        offer = await a.createOffer()
+        restrict_host_addresses(a, ["127.0.0.1"])  # loopback only: the network rule
+        await a.setLocalDescription(offer)
+        await b.setRemoteDescription(RTCSessionDescription(a.localDescription.sdp, "offer"))
+        answer = await b.createAnswer()
+        restrict_host_addresses(b, ["127.0.0.1"])
+        await b.setLocalDescription(answer)
+        await a.setRemoteDescription(RTCSessionDescription(b.localDescription.sdp, "answer"))
+        install_receive_path(a)
+        (sender,) = a.getSenders()
+        async with asyncio.timeout(20):
+            while getattr(sender, SENDER_LSR_ATTR) is None:  # the first SR not sent yet
+                await asyncio.sleep(0.05)
+        lsr = getattr(sender, SENDER_LSR_ATTR)
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + 3600.0)  # NTP steps an hour
+        rr = RtcpRrPacket(
+            ssrc=1,
+            reports=[RtcpReceiverInfo(sender._ssrc, 0, 0, 0, 0, lsr=lsr, dlsr=1)],
+        )
+        await sender._handle_rtcp_packet(rr)  # no await inside for an RR: same loop turn
+        rtt = (await remote_rtt_s(a))[0]
+    finally:
+        await a.close()
+        await b.close()
+    assert rtt is not None
+    assert 0 <= rtt < 2.0, f"an hour's clock step reported as {rtt:.1f} s of RTT"
+
+
+def test_rtcp_of_senders_and_receivers_is_timed_on_the_monotonic_clock() -> None:
+    """Process-wide once a call's receive path is installed (DLSR of our RRs included)."""
+    monotonic_rtcp_clocks()
+    assert aiortc.rtcrtpsender.time.time is time.monotonic  # type: ignore[attr-defined]
+    assert aiortc.rtcrtpreceiver.time.time is time.monotonic  # type: ignore[attr-defined]

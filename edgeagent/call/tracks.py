@@ -39,6 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import aiortc.rtcrtpreceiver
+import aiortc.rtcrtpsender
 import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpReceiver
@@ -321,6 +323,30 @@ class SteadyStreamStatistics(StreamStatistics):
         self._last_timestamp = packet.timestamp
 
 
+class _MonotonicTime:
+    """Stands in for the `time` module inside aiortc 1.16's RTP sender and receiver.
+
+    Their only uses of it are differences (tests/test_aiortc_pin.py): the round-trip
+    time (an RR's arrival less the sending of the SR it answers), the DLSR of our own
+    RRs, and the jitter's arrival times. On the wall clock, a step between two readings
+    went into those figures whole: a Pi without a clock chip steps its clock when NTP
+    first syncs, often minutes after boot and so during a call, and an hour's step made
+    aiortc report an RTT of an hour, averaged out only over a minute of RTCP (weight
+    0.85 per report): a MOS at its floor and an `rtt_high` alert for a call that was
+    fine.
+    """
+
+    time = staticmethod(time.monotonic)
+
+
+def monotonic_rtcp_clocks() -> None:
+    """Make aiortc's RTP senders and receivers time RTCP on the monotonic clock
+    (process-wide, idempotent)."""
+    for module in (aiortc.rtcrtpsender, aiortc.rtcrtpreceiver):
+        if getattr(module, "time", None) is not _MonotonicTime:
+            module.time = _MonotonicTime  # type: ignore[attr-defined]
+
+
 class _SteadyStreams(dict[int, StreamStatistics]):
     """A receiver's statistics by SSRC: each new stream's statistics are steady ones."""
 
@@ -512,11 +538,13 @@ def install_receive_path(
     no in-band FEC; `as_frames` to get `av.AudioFrame`s on the track from PlcDecoder).
     `aiortc_jitter_buffer` keeps aiortc's buffer in front of the decoder: only to
     measure what aiortc#543 does to a call (bench/latency.py). The receivers' RTCP and
-    stats jitter comes from `SteadyStreamStatistics` either way.
+    stats jitter comes from `SteadyStreamStatistics` either way, and RTCP is timed on
+    the monotonic clock (`monotonic_rtcp_clocks`).
 
     Call after `setRemoteDescription` (the answerer's transceivers are created
     there) and before media flows; calling again is harmless.
     """
+    monotonic_rtcp_clocks()
     buffers = []
     for t in pc.getTransceivers():
         if t.kind == "audio":
